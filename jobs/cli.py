@@ -1,0 +1,45 @@
+"""The `sonoray` command: one subcommand per job module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from jobs.output import UserError, fail
+
+# Job modules in the order `sonoray --help` lists them.
+JOB_MODULES = [
+    "jobs.demo",
+    "jobs.phantom",
+    "jobs.store",
+    "jobs.ingest",
+    "jobs.frames",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sonoray",
+        description="Lung-ultrasound video pretraining, multi-symptom classification and "
+        "labelling-budget simulation on Ray.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in JOB_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        return fail(str(err))
+    except KeyboardInterrupt:
+        return fail("interrupted", code=130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""How every job talks to its user: progress on stderr, one JSON object last on stdout."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+
+class UserError(Exception):
+    """Bad input or an unreachable service: printed as one clear line, exit status 2."""
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr, with a wall-clock stamp."""
+    print(f"[sonoray {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def emit_json(obj: Any) -> None:
+    """The machine-readable result: one JSON object, the last line on stdout."""
+    print(json.dumps(obj, sort_keys=False, default=_default), flush=True)
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"sonoray: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)

@@ -1,0 +1,80 @@
+"""ResNet-18 feature extractor shared by USCL pretraining and the MSML classifier.
+
+USCL (Chen et al., MICCAI 2021) and TSAL's MSML network both start from a torchvision ResNet-18.
+Weights are never downloaded: the backbone is randomly initialised unless the user passes a
+state dict they obtained themselves (``load_backbone_weights``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+FEATURE_DIM = 512
+
+
+class ResNet18Backbone(nn.Module):
+    """ResNet-18 trunk without its classifier.
+
+    Args:
+        in_channels: 1 (grayscale ultrasound) or 3.
+
+    Shape:
+        - Input: ``(N, in_channels, H, W)`` float, any H, W >= 32.
+        - Output: ``(N, 512)`` globally pooled features.
+
+    Example:
+        >>> net = ResNet18Backbone(in_channels=1)
+        >>> net(torch.zeros(2, 1, 64, 64)).shape
+        torch.Size([2, 512])
+    """
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        net = resnet18(weights=None)
+        if in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.in_channels = in_channels
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        self.layer4 = net.layer4  # the "last residual block" that fine-tuning unfreezes
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> ``(N, 512, H/32, W/32)``: the map Grad-CAM reads."""
+        x = self.stem(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(x)).flatten(1)
+
+
+def load_backbone_weights(backbone: ResNet18Backbone, path: str | Path) -> list[str]:
+    """Load a user-supplied state dict (torchvision ResNet-18 keys, or a sonoray checkpoint's
+    ``backbone.`` keys). Returns the names of backbone parameters that stayed at random init.
+
+    A first conv with 3 input channels is averaged to 1 channel when the backbone is grayscale.
+    """
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.").removeprefix("backbone.")
+        for old, new in (("conv1.", "stem.0."), ("bn1.", "stem.1.")):
+            if key.startswith(old):
+                key = new + key[len(old):]
+        renamed[key] = value
+    first = renamed.get("stem.0.weight")
+    if first is not None and first.shape[1] == 3 and backbone.in_channels == 1:
+        renamed["stem.0.weight"] = first.mean(dim=1, keepdim=True)
+    own = backbone.state_dict()
+    usable = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"{path}: no parameter matches a ResNet-18 backbone")
+    backbone.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
