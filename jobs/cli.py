@@ -5,7 +5,9 @@ import argparse
 import importlib
 import sys
 
+from cluster.storage import StorageError
 from jobs.output import UserError, fail
+from ultrasound.manifest import ManifestError
 
 # Job modules in the order `sonoray --help` lists them.
 JOB_MODULES = [
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UserError as err:
+    except (UserError, ManifestError, StorageError, FileNotFoundError) as err:
         return fail(str(err))
     except KeyboardInterrupt:
         return fail("interrupted", code=130)

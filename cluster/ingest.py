@@ -1,0 +1,95 @@
+"""Ingest: upload accepted videos to a data-set root and write its manifest.
+
+Idempotent: a video whose object already carries the same sha256 is not sent again. Videos that
+OpenCV cannot decode are reported (row, path, reason) and left out; nothing else is lost.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.dataset import MANIFEST_NAME, VIDEOS_PREFIX, manifest_table
+from cluster.storage import Storage, file_sha256, parse_uri
+from ultrasound.manifest import SkippedRow, VideoRecord
+from ultrasound.video import VideoError, count_frames
+
+
+@dataclass
+class IngestResult:
+    ingested: int
+    uploaded: int
+    skipped: list[SkippedRow] = field(default_factory=list)
+    manifest: str = ""
+
+    def as_dict(self) -> dict:
+        return {
+            "ingested": self.ingested,
+            "uploaded": self.uploaded,
+            "skipped": [s.as_dict() for s in self.skipped],
+            "manifest": self.manifest,
+        }
+
+
+def ingest_videos(
+    records: list[VideoRecord],
+    skipped: list[SkippedRow],
+    video_dir: str | Path,
+    dest_uri: str,
+    findings: list[str],
+    *,
+    source_format: str = "generic",
+    storage: Storage | None = None,
+    on_progress: Callable[[str], None] = lambda message: None,
+    workers: int = 4,
+) -> IngestResult:
+    storage = storage or Storage()
+    root = parse_uri(dest_uri)
+    storage.check(root, create_bucket=True)
+    video_dir = Path(video_dir)
+    skipped = list(skipped)
+
+    def process(record: VideoRecord) -> tuple[VideoRecord, dict | None, bool, str]:
+        source = video_dir / record.path
+        try:
+            info = count_frames(source)
+        except VideoError as err:
+            return record, None, False, str(err)
+        sha = file_sha256(source)
+        key = f"{VIDEOS_PREFIX}/{record.path}"
+        target = root.join(key)
+        sent = storage.stored_sha256(target) != sha
+        if sent:
+            storage.upload_file(source, target, sha)
+        row = {
+            "video_id": record.video_id,
+            "key": key,
+            "patient_id": record.patient_id,
+            "label": record.label,
+            "probe": record.probe,
+            "fps": info.fps,
+            "frame_count": info.frame_count,
+            "width": info.width,
+            "height": info.height,
+            "size_bytes": source.stat().st_size,
+            "sha256": sha,
+            **record.findings,
+        }
+        return record, row, sent, ""
+
+    rows: list[dict] = []
+    uploaded = 0
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done, (record, row, sent, reason) in enumerate(pool.map(process, records), start=1):
+            if row is None:
+                skipped.append(SkippedRow(record.row or 0, record.path, f"undecodable video: {reason}"))
+            else:
+                rows.append(row)
+                uploaded += int(sent)
+            if done % 10 == 0 or done == len(records):
+                on_progress(f"ingest: {done}/{len(records)} videos checked, {uploaded} uploaded")
+    manifest = root.join(MANIFEST_NAME)
+    storage.write_parquet(manifest_table(rows, findings, source_format), manifest)
+    skipped.sort(key=lambda s: (s.row, s.path))
+    return IngestResult(ingested=len(rows), uploaded=uploaded, skipped=skipped, manifest=manifest.uri)

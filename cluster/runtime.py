@@ -1,0 +1,53 @@
+"""Connecting to Ray: a local cluster by default, a remote one when an address is given.
+
+The local default binds the dashboard (and with it the job API) to 127.0.0.1 only. The dashboard
+stays on because Tune driving Train needs it (see Ray issue 54305).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> str:
+    """Start or join Ray once per process; returns a short description of the cluster.
+
+    ``address`` (or ``RAY_ADDRESS``) joins an existing cluster; otherwise a local one starts,
+    sized by ``num_cpus`` (default: all CPUs of this machine).
+    """
+    if ray.is_initialized():
+        return _describe()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    common = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            **common,
+        )
+    _quiet_data_progress()
+    return _describe()
+
+
+def _quiet_data_progress() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("SONORAY_PROGRESS_BARS", "0") == "1"
+    ctx.print_on_execution_start = False
+
+
+def _describe() -> str:
+    res = ray.cluster_resources()
+    return f"Ray cluster: {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
+
+
+def cluster_cpus() -> float:
+    return float(ray.cluster_resources().get("CPU", 0))

@@ -1,0 +1,250 @@
+"""Object storage: every data location is a URI, ``s3://bucket/prefix`` or a local path.
+
+This is the one module that knows boto3 (listing, upload, small objects) and pyarrow's
+filesystems (Parquet, and the video bytes Ray Data reads). Any S3-compatible endpoint works
+(AWS, MinIO, Ceph, the embedded loopback server): the endpoint comes from ``--endpoint-url`` or
+``AWS_ENDPOINT_URL``; credentials from boto3's standard chain (pyarrow uses the same chain).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+CONNECT_TIMEOUT_S = 3.0
+
+
+class StorageError(RuntimeError):
+    """Object storage could not be reached or refused a request; the message names the endpoint."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where S3 requests go. ``endpoint_url=None`` means AWS (or whatever boto3 resolves)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, endpoint_url: str | None = None) -> "StorageConfig":
+        return cls(
+            endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+            region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None,
+        )
+
+    @property
+    def endpoint_label(self) -> str:
+        return self.endpoint_url or "the default AWS S3 endpoint"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed data location: ``scheme`` is "s3" or "file"; ``bucket`` is empty for files."""
+
+    scheme: str
+    bucket: str
+    key: str  # prefix inside the bucket, or the absolute local path
+
+    @property
+    def is_s3(self) -> bool:
+        return self.scheme == "s3"
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}".rstrip("/") if self.is_s3 else self.key
+
+    @property
+    def fs_path(self) -> str:
+        """The path pyarrow filesystems use: ``bucket/key`` for S3, the local path for files."""
+        return f"{self.bucket}/{self.key}".rstrip("/") if self.is_s3 else self.key
+
+    def join(self, *parts: str) -> "Location":
+        tail = "/".join(p.strip("/") for p in parts if p)
+        if self.is_s3:
+            key = f"{self.key.rstrip('/')}/{tail}".strip("/") if self.key else tail
+            return Location("s3", self.bucket, key)
+        return Location("file", self.bucket, str(Path(self.key, *[p for p in tail.split("/") if p])))
+
+
+def parse_uri(uri: str) -> Location:
+    """``s3://bucket/prefix`` -> S3 location; anything else -> an absolute local path."""
+    text = str(uri).strip()
+    if text.startswith("s3://"):
+        parsed = urlparse(text)
+        if not parsed.netloc:
+            raise ValueError(f"{uri!r}: an S3 URI needs a bucket (s3://bucket/prefix)")
+        return Location("s3", parsed.netloc, parsed.path.strip("/"))
+    if "://" in text and not text.startswith("file://"):
+        raise ValueError(f"{uri!r}: unsupported scheme (use s3://bucket/prefix or a local path)")
+    return Location("file", "", str(Path(text.removeprefix("file://")).expanduser().resolve()))
+
+
+@lru_cache(maxsize=8)
+def _boto3_client(config: StorageConfig):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=config.endpoint_url,
+        region_name=config.region,
+        config=Config(
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=60,
+            retries={"max_attempts": 2, "mode": "standard"},
+        ),
+    )
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(config: StorageConfig) -> pafs.S3FileSystem:
+    kwargs: dict = {
+        "region": config.region or "us-east-1",
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "request_timeout": 60,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+    }
+    if config.endpoint_url:
+        # pyarrow ignores AWS_ENDPOINT_URL: the endpoint must be passed explicitly.
+        parsed = urlparse(config.endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+class Storage:
+    """Reads and writes at URIs, local or S3, with errors that name the endpoint."""
+
+    def __init__(self, config: StorageConfig | None = None) -> None:
+        self.config = config or StorageConfig.from_env()
+
+    # -- filesystem handles -------------------------------------------------------------
+    def filesystem(self, location: Location) -> pafs.FileSystem:
+        return _s3_filesystem(self.config) if location.is_s3 else pafs.LocalFileSystem()
+
+    def client(self):
+        return _boto3_client(self.config)
+
+    def _wrap(self, err: Exception, what: str) -> StorageError:
+        return StorageError(f"{what}: S3 endpoint {self.config.endpoint_label} failed: {err}")
+
+    # -- buckets and reachability -------------------------------------------------------
+    def check(self, location: Location, create_bucket: bool = False) -> None:
+        """Fail within seconds, naming the endpoint, when it cannot be reached; optionally
+        create the bucket."""
+        if not location.is_s3:
+            return
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+        client = self.client()
+        try:
+            client.head_bucket(Bucket=location.bucket)
+        except EndpointConnectionError as err:
+            raise StorageError(
+                f"cannot reach the S3 endpoint {self.config.endpoint_label}: {err}"
+            ) from err
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound") and create_bucket:
+                try:
+                    client.create_bucket(Bucket=location.bucket)
+                except (ClientError, BotoCoreError) as create_err:
+                    raise self._wrap(create_err, f"creating bucket {location.bucket!r}") from create_err
+            elif code in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(
+                    f"bucket {location.bucket!r} does not exist at {self.config.endpoint_label}"
+                ) from err
+            else:
+                raise self._wrap(err, f"bucket {location.bucket!r}") from err
+        except BotoCoreError as err:
+            raise StorageError(
+                f"cannot reach the S3 endpoint {self.config.endpoint_label}: {err}"
+            ) from err
+
+    # -- objects ------------------------------------------------------------------------
+    def stored_sha256(self, location: Location) -> str | None:
+        """The sha256 recorded for an object (S3 metadata) or computed (local file); None if
+        the object does not exist."""
+        if location.is_s3:
+            from botocore.exceptions import ClientError
+
+            try:
+                head = self.client().head_object(Bucket=location.bucket, Key=location.key)
+            except ClientError as err:
+                if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise self._wrap(err, location.uri) from err
+            return head.get("Metadata", {}).get("sha256") or ""
+        path = Path(location.key)
+        return file_sha256(path) if path.is_file() else None
+
+    def upload_file(self, source: Path, location: Location, sha256: str) -> None:
+        if location.is_s3:
+            try:
+                self.client().upload_file(
+                    str(source), location.bucket, location.key, ExtraArgs={"Metadata": {"sha256": sha256}}
+                )
+            except Exception as err:  # boto3 raises S3UploadFailedError, ClientError, ...
+                raise self._wrap(err, f"uploading {source} to {location.uri}") from err
+            return
+        target = Path(location.key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+
+    def read_bytes(self, location: Location) -> bytes:
+        fs = self.filesystem(location)
+        try:
+            with fs.open_input_stream(location.fs_path) as handle:
+                return handle.read()
+        except OSError as err:
+            raise self._wrap(err, location.uri) if location.is_s3 else err
+
+    def write_bytes(self, location: Location, data: bytes) -> None:
+        fs = self.filesystem(location)
+        if not location.is_s3:
+            Path(location.key).parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = location.fs_path if location.is_s3 else location.fs_path + ".part"
+        with fs.open_output_stream(tmp_path) as handle:
+            handle.write(data)
+        if not location.is_s3:
+            os.replace(tmp_path, location.fs_path)
+
+    def exists(self, location: Location) -> bool:
+        info = self.filesystem(location).get_file_info(location.fs_path)
+        return info.type != pafs.FileType.NotFound
+
+    def list_files(self, location: Location) -> list[str]:
+        """Paths (relative to ``location``) of every file below it."""
+        fs = self.filesystem(location)
+        selector = pafs.FileSelector(location.fs_path, recursive=True, allow_not_found=True)
+        base = location.fs_path.rstrip("/") + "/"
+        return sorted(
+            info.path[len(base):] for info in fs.get_file_info(selector) if info.type == pafs.FileType.File
+        )
+
+    def write_parquet(self, table: pa.Table, location: Location) -> None:
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        self.write_bytes(location, sink.getvalue())
+
+    def read_parquet(self, location: Location) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(location)))
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

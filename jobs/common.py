@@ -1,0 +1,44 @@
+"""Flags shared by several jobs, and turning them into cluster/ objects."""
+from __future__ import annotations
+
+import argparse
+
+from cluster.storage import Storage, StorageConfig
+
+
+def add_storage_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoint-url",
+        default=None,
+        help="S3-compatible endpoint (default: AWS_ENDPOINT_URL, else AWS S3)",
+    )
+
+
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray on this machine)",
+    )
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+
+
+def add_json_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON result object last on stdout")
+
+
+def storage_from(args: argparse.Namespace) -> Storage:
+    return Storage(StorageConfig.from_env(getattr(args, "endpoint_url", None)))
+
+
+def connect_ray(args: argparse.Namespace) -> str:
+    from cluster.runtime import connect
+
+    return connect(getattr(args, "address", None), num_cpus=getattr(args, "num_cpus", None))
+
+
+def csv_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",")]
+    return [item for item in items if item]

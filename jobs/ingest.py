@@ -1,0 +1,57 @@
+"""`sonoray ingest`: upload a folder of videos and write its manifest."""
+from __future__ import annotations
+
+import argparse
+
+from cluster.ingest import ingest_videos
+from jobs.common import add_json_arg, add_storage_args, csv_list, storage_from
+from jobs.output import UserError, emit_json, progress
+from ultrasound.manifest import parse_generic_manifest, parse_pocus
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ingest",
+        help="upload videos + manifest to object storage",
+        description="Upload the videos of VIDEO_DIR to URI/videos/ and write URI/manifest.parquet. "
+        "Re-running uploads only videos whose sha256 changed.",
+    )
+    p.add_argument("video_dir", metavar="VIDEO_DIR")
+    p.add_argument("--to", required=True, metavar="URI", help="data set root: s3://bucket/prefix or a path")
+    p.add_argument("--manifest", metavar="CSV", help="generic CSV manifest (column 'path' relative to VIDEO_DIR)")
+    p.add_argument("--format", choices=["generic", "pocus"], default="generic",
+                   help="'pocus' reads the upstream POCUS layout (dataset_metadata.csv + videos/)")
+    p.add_argument("--labels", metavar="COL,COL", help="finding columns (multi-label targets, 0/1 yes/no true/false)")
+    p.add_argument("--label-col", default="label", help="class-label column (default: label)")
+    p.add_argument("--patient-col", default="patient_id", help="patient column (default: patient_id)")
+    add_storage_args(p)
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.format == "pocus":
+        if args.manifest:
+            raise UserError("--manifest is not used with --format pocus (it reads dataset_metadata.csv)")
+        records, skipped, findings = parse_pocus(args.video_dir)
+    else:
+        if not args.manifest:
+            raise UserError("--manifest CSV is required (or use --format pocus)")
+        records, skipped, findings = parse_generic_manifest(
+            args.manifest,
+            args.video_dir,
+            findings=csv_list(args.labels),
+            label_col=args.label_col,
+            patient_col=args.patient_col,
+        )
+    progress(f"ingest: {len(records)} videos accepted, {len(skipped)} rows skipped; uploading to {args.to}")
+    for item in skipped:
+        progress(f"  skipped row {item.row} {item.path}: {item.reason}")
+    result = ingest_videos(
+        records, skipped, args.video_dir, args.to, findings,
+        source_format=args.format, storage=storage_from(args), on_progress=progress,
+    )
+    progress(f"ingest: {result.ingested} videos in {result.manifest} ({result.uploaded} uploaded this time)")
+    if args.json:
+        emit_json(result.as_dict())
+    return 0

@@ -1,0 +1,261 @@
+"""Video manifests: which videos a data set holds and what is known of each.
+
+Two inputs are understood, both validated here with messages that name the file, row, column and
+value at fault:
+
+* the generic layout: a folder of videos plus a CSV with a ``path`` column (relative to the
+  folder), optional ``video_id``, a patient column, a class-label column and 0/1 finding columns;
+* the upstream POCUS layout (``dataset_metadata.csv`` + ``videos/{convex,linear}/``), quirks
+  included: malformed rows and rows for absent files are reported and skipped, never fatal.
+
+Pure Python: no object storage here (cluster/ingest.py uploads what this module accepts).
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mpeg", ".mpg", ".gif", ".mkv", ".webm", ".m4v")
+
+POCUS_FINDINGS = (
+    "Effusion",
+    "Consolidations",
+    "B-lines",
+    "A-lines",
+    "Pleural line irregularities",
+    "Air bronchogram",
+)
+POCUS_CLASSES = {
+    "covid-19": "covid",
+    "bacterial pneumonia": "pneumonia",
+    "regular": "regular",
+    "viral pneumonia": "viral",
+}
+_TRUE = {"1", "yes", "true"}
+_FALSE = {"0", "no", "false"}
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read as it stands; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One video accepted into a data set.
+
+    ``path`` is relative to the video folder (POSIX form); it becomes the object key under the
+    data set's ``videos/`` prefix.
+    """
+
+    video_id: str
+    path: str
+    patient_id: str | None = None
+    label: str | None = None
+    findings: dict[str, int] = field(default_factory=dict)
+    probe: str | None = None
+    row: int | None = None  # line in the source CSV (header = line 1)
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    row: int
+    path: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"row": self.row, "path": self.path, "reason": self.reason}
+
+
+def parse_finding(value: str, *, file: str | Path, row: int, column: str) -> int:
+    """Read a finding cell: 1/0, yes/no, true/false, any case, spaces ignored."""
+    text = (value or "").strip().lower()
+    if text in _TRUE:
+        return 1
+    if text in _FALSE:
+        return 0
+    raise ManifestError(
+        f"{file}: row {row}, column {column!r}: value {value!r} is not a finding value "
+        f"(use 1/0, yes/no or true/false)"
+    )
+
+
+def safe_relative_path(path: str, root: Path, *, file: str | Path, row: int) -> str:
+    """Return ``path`` as a POSIX path relative to ``root``, refusing any escape from it."""
+    text = (path or "").strip()
+    if not text:
+        raise ManifestError(f"{file}: row {row}, column 'path': empty path")
+    posix = PurePosixPath(text.replace("\\", "/"))
+    if posix.is_absolute() or re.match(r"^[A-Za-z]:", text):
+        raise ManifestError(
+            f"{file}: row {row}, column 'path': {path!r} is absolute; paths must be relative "
+            f"to the video folder {root}"
+        )
+    if ".." in posix.parts:
+        raise ManifestError(
+            f"{file}: row {row}, column 'path': {path!r} escapes the video folder {root} ('..')"
+        )
+    resolved = (root / posix).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ManifestError(
+            f"{file}: row {row}, column 'path': {path!r} resolves outside the video folder {root}"
+        )
+    return posix.as_posix().removeprefix("./")
+
+
+def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                raise ManifestError(f"{csv_path}: the file is empty (no header row)")
+            # Row numbers as a spreadsheet shows them (header = row 1): a quoted cell may span
+            # several physical lines, so reader.line_num would disagree with the sheet.
+            rows = [(n, row) for n, row in enumerate(reader, start=2) if any(c.strip() for c in row)]
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{csv_path}: not a UTF-8 CSV file ({err})") from err
+    return [h.strip() for h in header], rows
+
+
+def parse_generic_manifest(
+    csv_path: str | Path,
+    video_dir: str | Path,
+    *,
+    findings: list[str] | None = None,
+    label_col: str = "label",
+    patient_col: str = "patient_id",
+) -> tuple[list[VideoRecord], list[SkippedRow], list[str]]:
+    """Read a generic CSV manifest.
+
+    Returns ``(records, skipped, finding_names)``. Rows whose video file is missing are skipped
+    and reported; a bad finding value, a path escaping ``video_dir``, a duplicate video or an
+    unknown column is an error (``ManifestError``) naming file, row, column and value.
+    ``findings=None`` takes no finding columns.
+    """
+    csv_path, root = Path(csv_path), Path(video_dir)
+    if not csv_path.is_file():
+        raise ManifestError(f"manifest {csv_path} does not exist")
+    if not root.is_dir():
+        raise ManifestError(f"video folder {root} does not exist")
+    header, rows = _read_csv(csv_path)
+    columns = {name: i for i, name in enumerate(header)}
+    if "path" not in columns:
+        raise ManifestError(f"{csv_path}: no 'path' column (columns: {', '.join(header)})")
+    finding_names = list(findings or [])
+    for name in finding_names:
+        if name not in columns:
+            raise ManifestError(
+                f"{csv_path}: finding column {name!r} not found (columns: {', '.join(header)})"
+            )
+    has_label = label_col in columns
+    has_patient = patient_col in columns
+
+    def cell(row: list[str], name: str) -> str:
+        i = columns[name]
+        return row[i].strip() if i < len(row) else ""
+
+    records: list[VideoRecord] = []
+    skipped: list[SkippedRow] = []
+    seen: dict[str, int] = {}
+    for line, row in rows:
+        rel = safe_relative_path(cell(row, "path"), root, file=csv_path, row=line)
+        values = {
+            name: parse_finding(cell(row, name), file=csv_path, row=line, column=name)
+            for name in finding_names
+        }
+        if not (root / rel).is_file():
+            skipped.append(SkippedRow(line, rel, "video file not found"))
+            continue
+        video_id = cell(row, "video_id") if "video_id" in columns else ""
+        video_id = video_id or str(PurePosixPath(rel).with_suffix(""))
+        if video_id in seen:
+            raise ManifestError(
+                f"{csv_path}: row {line}: video_id {video_id!r} already used on row {seen[video_id]}"
+            )
+        seen[video_id] = line
+        records.append(
+            VideoRecord(
+                video_id=video_id,
+                path=rel,
+                patient_id=(cell(row, patient_col) or None) if has_patient else None,
+                label=(cell(row, label_col) or None) if has_label else None,
+                findings=values,
+                row=line,
+            )
+        )
+    return records, skipped, finding_names
+
+
+def parse_pocus(video_dir: str | Path) -> tuple[list[VideoRecord], list[SkippedRow], list[str]]:
+    """Read the upstream POCUS layout: ``dataset_metadata.csv`` and ``videos/<probe>/<file>``.
+
+    Every sheet row is either accepted or reported in ``skipped`` with its line number and a
+    reason: not a video, file absent, malformed finding or label cell, duplicate file name. Video
+    files with no sheet row are reported too (row 0). Classes: covid / pneumonia / regular / viral.
+    """
+    root = Path(video_dir)
+    sheet = root / "dataset_metadata.csv"
+    if not sheet.is_file():
+        raise ManifestError(f"{root}: no dataset_metadata.csv (is this the POCUS layout?)")
+    header, rows = _read_csv(sheet)
+    columns = {name: i for i, name in enumerate(header)}
+    required = ["Filename", "Label", "Probe", *POCUS_FINDINGS]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ManifestError(f"{sheet}: missing columns {missing}")
+
+    files: dict[str, str] = {}
+    for path in sorted((root / "videos").rglob("*")):
+        if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+            files.setdefault(path.stem, path.relative_to(root).as_posix())
+
+    records: list[VideoRecord] = []
+    skipped: list[SkippedRow] = []
+    used: dict[str, int] = {}
+    for line, row in rows:
+        if len(row) != len(header):
+            skipped.append(SkippedRow(line, "", f"malformed row: {len(row)} cells, header has {len(header)}"))
+            continue
+        get = lambda name: row[columns[name]].strip()  # noqa: E731
+        name = get("Filename")
+        rel = files.get(name)
+        if not name:
+            skipped.append(SkippedRow(line, "", "malformed row: empty Filename"))
+            continue
+        if rel is None:
+            kind = get("Type").lower() if "Type" in columns else ""
+            reason = "not a video (Type = image)" if kind == "image" else "video file absent"
+            skipped.append(SkippedRow(line, name, reason))
+            continue
+        if name in used:
+            skipped.append(SkippedRow(line, rel, f"duplicate Filename (first on row {used[name]})"))
+            continue
+        label = POCUS_CLASSES.get(get("Label").lower())
+        if label is None:
+            skipped.append(SkippedRow(line, rel, f"malformed Label {get('Label')!r}"))
+            continue
+        bad = [(f, get(f)) for f in POCUS_FINDINGS if get(f).lower() not in _TRUE | _FALSE]
+        if bad:
+            column, value = bad[0]
+            skipped.append(SkippedRow(line, rel, f"malformed finding {column!r}: value {value!r}"))
+            continue
+        values = {f: int(get(f).lower() in _TRUE) for f in POCUS_FINDINGS}
+        used[name] = line
+        patient = get("Patient ID / Name") if "Patient ID / Name" in columns else ""
+        records.append(
+            VideoRecord(
+                video_id=PurePosixPath(rel).stem,
+                path=rel,
+                patient_id=f"pocus-{patient}" if patient else None,
+                label=label,
+                findings=values,
+                probe=get("Probe").lower() or None,
+                row=line,
+            )
+        )
+    for name, rel in files.items():
+        if name not in used and not any(s.path == rel for s in skipped):
+            skipped.append(SkippedRow(0, rel, "video file has no row in dataset_metadata.csv"))
+    return records, skipped, list(POCUS_FINDINGS)
