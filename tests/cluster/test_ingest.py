@@ -1,0 +1,113 @@
+"""Ingest against the real loopback S3 server."""
+import csv
+import shutil
+
+import pytest
+
+from cluster.dataset import load_dataset
+from cluster.storage import parse_uri
+from jobs.cli import main
+from tests.conftest import run_cli
+from ultrasound import phantom
+
+
+def test_phantom_ingest_writes_manifest_with_labels(phantom_dir, phantom_uri, storage):
+    data = load_dataset(phantom_uri, storage)
+    with open(phantom_dir / "manifest.csv", newline="") as handle:
+        expected = {row["video_id"]: row for row in csv.DictReader(handle)}
+    assert data.findings == list(phantom.FINDINGS)
+    assert len(data.rows) == len(expected) == 8
+    for row in data.rows:
+        src = expected[row["video_id"]]
+        assert row["label"] == src["label"] and row["patient_id"] == src["patient_id"]
+        assert {f: row[f] for f in phantom.FINDINGS} == {f: int(src[f] == "yes") for f in phantom.FINDINGS}
+        assert row["frame_count"] > 0 and len(row["sha256"]) == 64
+        assert storage.stored_sha256(data.video_location(row)) == row["sha256"]
+
+
+def test_reingest_uploads_nothing_and_a_changed_video_once(tmp_path, phantom_dir, s3_server):
+    folder = tmp_path / "clips"
+    shutil.copytree(phantom_dir, folder)
+    args = ["ingest", str(folder), "--manifest", str(folder / "manifest.csv"), "--to",
+            "s3://sonoray-test/reingest", "--json"]
+    code, first = run_cli(main, args)
+    assert code == 0 and first["uploaded"] == first["ingested"] == 8
+    code, second = run_cli(main, args)
+    assert code == 0 and second["uploaded"] == 0 and second["ingested"] == 8
+    victim = sorted((folder / "videos").iterdir())[0]
+    other = sorted((folder / "videos").iterdir())[1]
+    shutil.copyfile(other, victim)
+    code, third = run_cli(main, args)
+    assert code == 0 and third["uploaded"] == 1
+
+
+def test_generic_manifest_with_yes_no_findings(tmp_path, phantom_dir, s3_server, storage):
+    folder = tmp_path / "generic"
+    (folder / "v").mkdir(parents=True)
+    clips = sorted((phantom_dir / "videos").iterdir())[:3]
+    for clip in clips:
+        shutil.copyfile(clip, folder / "v" / clip.name)
+    with open(folder / "list.csv", "w", newline="") as handle:
+        w = csv.writer(handle)
+        w.writerow(["path", "subject", "diagnosis", "B-lines", "Effusion"])
+        w.writerow([f"v/{clips[0].name}", "s1", "covid", " YES ", "no"])
+        w.writerow([f"v/{clips[1].name}", "s1", "covid", "True", "FALSE"])
+        w.writerow([f"v/{clips[2].name}", "s2", "regular", "0", "1"])
+        w.writerow(["v/missing.mp4", "s3", "regular", "0", "0"])
+    code, result = run_cli(main, [
+        "ingest", str(folder), "--manifest", str(folder / "list.csv"), "--to", "s3://sonoray-test/generic",
+        "--labels", "B-lines,Effusion", "--label-col", "diagnosis", "--patient-col", "subject", "--json"])
+    assert code == 0
+    assert result["ingested"] == 3 and result["uploaded"] == 3
+    assert result["skipped"] == [{"row": 5, "path": "v/missing.mp4", "reason": "video file not found"}]
+    assert result["manifest"] == "s3://sonoray-test/generic/manifest.parquet"
+    data = load_dataset("s3://sonoray-test/generic", storage)
+    got = [(r["patient_id"], r["label"], r["B-lines"], r["Effusion"]) for r in data.rows]
+    assert got == [("s1", "covid", 1, 0), ("s1", "covid", 1, 0), ("s2", "regular", 0, 1)]
+
+
+def test_bad_finding_value_fails_naming_file_row_value(tmp_path, phantom_dir, s3_server, capsys):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    clip = sorted((phantom_dir / "videos").iterdir())[0]
+    shutil.copyfile(clip, folder / "a.mp4")
+    (folder / "m.csv").write_text("path,B\na.mp4,yes\na.mp4,perhaps\n")
+    code, _ = run_cli(main, ["ingest", str(folder), "--manifest", str(folder / "m.csv"), "--labels", "B",
+                             "--to", "s3://sonoray-test/bad"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "m.csv: row 3, column 'B': value 'perhaps'" in err
+
+
+def test_manifest_path_escaping_the_folder_is_refused(tmp_path, s3_server, storage, capsys):
+    folder = tmp_path / "inside"
+    folder.mkdir()
+    (tmp_path / "secret.mp4").write_bytes(b"x")
+    (folder / "m.csv").write_text("path\n../secret.mp4\n")
+    code, _ = run_cli(main, ["ingest", str(folder), "--manifest", str(folder / "m.csv"),
+                             "--to", "s3://sonoray-test/escape"])
+    assert code == 2
+    assert "escapes the video folder" in capsys.readouterr().err
+    assert not storage.exists(parse_uri("s3://sonoray-test/escape/manifest.parquet"))
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_endpoint_fails_naming_it(phantom_dir, capsys):
+    from cluster.s3server import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    code, _ = run_cli(main, ["ingest", str(phantom_dir), "--manifest", str(phantom_dir / "manifest.csv"),
+                             "--to", "s3://sonoray-test/x", "--endpoint-url", endpoint])
+    assert code == 2
+    assert endpoint in capsys.readouterr().err
+
+
+def test_pocus_ingest_reports_exactly_the_rows_it_skipped(pocus_uri_result):
+    result = pocus_uri_result
+    assert result["ingested"] == 129
+    skipped = {s["row"]: s["reason"] for s in result["skipped"]}
+    assert len(skipped) == len(result["skipped"])  # one report per row
+    assert skipped[113].startswith("malformed finding 'Effusion'")
+    assert skipped[124] == "malformed finding 'Effusion': value ''"
+    assert {skipped[r] for r in (294, 373, 374, 375)} == {"video file absent"}
+    assert all(reason for reason in skipped.values())
