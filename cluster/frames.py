@@ -92,7 +92,8 @@ def _decode_video_batches(batch: dict, *, spec: StreamSpec, storage_config: Stor
             data = storage.read_bytes(root.join(key))
             with spooled(data, PurePosixPath(key).suffix or ".bin") as path:
                 frames = iter_frames(path, spec.sampling, spec.fmt, rng=_video_rng(spec, str(meta["video_id"])),
-                                     max_decoded_bytes=spec.max_decoded_bytes)
+                                     max_decoded_bytes=spec.max_decoded_bytes,
+                                     frame_count=int(batch["frame_count"][i]))
                 if spec.mode == "clips":
                     yield _clip_batch(list(frames), meta, findings, spec.sampling.per_video)
                 else:
@@ -161,6 +162,7 @@ def frame_stream(data: IngestedDataset, spec: StreamSpec) -> FrameStream:
             "key": r["key"],
             "label": r.get("label") or "",
             "findings": findings[i],
+            "frame_count": int(r["frame_count"]),
         }
         for i, r in enumerate(rows)
     ]

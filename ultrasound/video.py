@@ -158,8 +158,12 @@ def iter_frames(
     *,
     rng: np.random.Generator | None = None,
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    frame_count: int | None = None,
 ) -> Iterator[tuple[int, float, np.ndarray]]:
     """Yield ``(frame_index, timestamp_s, image (S, S, C) uint8)`` for the sampled frames.
+
+    ``frame_count`` (the decoded count recorded at ingest) spares random / capped sampling a
+    counting pass over the video.
 
     Raises ``VideoError`` before decoding when the header says the decoded frames would exceed
     ``max_decoded_bytes``, and when the file holds no decodable frame.
@@ -178,11 +182,12 @@ def iter_frames(
             )
         needs_count = sampling.per_video is not None or sampling.max_per_video is not None
         if needs_count:
-            # Random / evenly spaced picks need the true length; grabbing is cheap next to decode.
-            cap.release()
-            info = count_frames(path)
-            cap = _open(path)
-            wanted = sampling.select(info.frame_count, fps, rng)
+            # Random / evenly spaced picks need the true length (headers are not trusted).
+            if frame_count is None:
+                cap.release()
+                frame_count = count_frames(path).frame_count
+                cap = _open(path)
+            wanted = sampling.select(frame_count, fps, rng)
         else:
             wanted = None
         box = None

@@ -1,0 +1,169 @@
+"""Data-parallel training on Ray Train: the one place that builds TorchTrainer runs.
+
+Jobs (pretrain, msml) hand ``fit`` a per-worker loop, its config and their Ray Datasets. The loop
+uses the helpers below (``worker_context``, ``report_epoch``, ``restore_state``) so that only rank 0
+writes checkpoints, every rank reports, and a resumed or retried run continues from the last
+saved epoch. Checkpoints live under ``<out>/ray/<name>``; the final model is copied to
+``<out>/model.pt`` and the per-epoch metrics to ``<out>/metrics.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cluster.storage import Location, Storage, parse_uri
+
+CHECKPOINT_FILE = "state.pt"
+RUN_NAME = "run"
+
+
+class TrainingError(RuntimeError):
+    """A training run that failed or cannot start; the message says why."""
+
+
+@dataclass(frozen=True)
+class ScaleSpec:
+    """How a run is spread: ``workers`` data-parallel ranks, on GPUs with ``gpu``.
+
+    ``cpus_per_worker=None`` picks a share that leaves one CPU for Ray Data on a CPU cluster
+    (on 2 CPUs, 2 workers x 1 CPU would starve the frame stream and hang).
+    """
+
+    workers: int = 1
+    gpu: bool = False
+    cpus_per_worker: float | None = None
+    max_failures: int = 1
+
+    def resources(self, cluster_cpus: float) -> dict:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        cpus = self.cpus_per_worker
+        if cpus is None:
+            cpus = 1.0 if self.gpu else max(0.25, min(1.0, (cluster_cpus - 1) / self.workers))
+        return {"CPU": cpus}
+
+
+def run_location(out_uri: str) -> Location:
+    return parse_uri(out_uri).join("ray")
+
+
+def fit(
+    train_loop: Callable[[dict], None],
+    loop_config: dict,
+    datasets: dict[str, ray.data.Dataset],
+    out_uri: str,
+    scale: ScaleSpec,
+    *,
+    resume: bool = False,
+    storage: Storage | None = None,
+) -> ray.train.Result:
+    """Run ``train_loop`` on ``scale.workers`` ranks; returns Ray Train's Result.
+
+    Without ``resume`` an ``out_uri`` that already holds a run is refused (Ray would silently
+    resume it); with ``resume`` the loop finds the last checkpoint through ``restore_state``.
+    """
+    storage = storage or Storage()
+    out = parse_uri(out_uri)
+    storage.check(out, create_bucket=True)
+    runs = run_location(out_uri)
+    exists = storage.exists(runs.join(RUN_NAME))
+    if exists and not resume:
+        raise TrainingError(f"{out.uri} already holds a training run: pass --resume to continue it, "
+                            f"or choose another --out")
+    if resume and not exists:
+        raise TrainingError(f"--resume: no run to resume under {out.uri}")
+    if not runs.is_s3:
+        Path(runs.key).mkdir(parents=True, exist_ok=True)
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
+    resources = scale.resources(cluster_cpus)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={**loop_config, "_cpus_per_worker": resources["CPU"]},
+        scaling_config=ScalingConfig(num_workers=scale.workers, use_gpu=scale.gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=runs.fs_path,
+            storage_filesystem=storage.filesystem(runs),
+            failure_config=FailureConfig(max_failures=scale.max_failures, controller_failure_limit=0),
+        ),
+        datasets=datasets,
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # TrainingFailedError and friends: keep the cause, name the run
+        raise TrainingError(f"training run under {out.uri} failed: {err}") from err
+    if result.error:
+        raise TrainingError(f"training run under {out.uri} failed: {result.error}")
+    return result
+
+
+def export_final(result: ray.train.Result, out_uri: str, history: list[dict], storage: Storage | None = None) -> str:
+    """Copy the last checkpoint's state to ``<out>/model.pt`` and the history to
+    ``<out>/metrics.json``; returns the model URI."""
+    storage = storage or Storage()
+    out = parse_uri(out_uri)
+    if result.checkpoint is None:
+        raise TrainingError(f"training under {out.uri} produced no checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        data = (Path(folder) / CHECKPOINT_FILE).read_bytes()
+    target = out.join("model.pt")
+    storage.write_bytes(target, data)
+    storage.write_bytes(out.join("metrics.json"), json.dumps(history, indent=1).encode())
+    return target.uri
+
+
+# -- inside a worker ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def worker_context(config: dict) -> WorkerContext:
+    """Rank, world size and device of this worker; sizes torch's thread pool to its CPU share."""
+    ctx = ray.train.get_context()
+    torch.set_num_threads(max(1, int(config.get("_cpus_per_worker", 1))))
+    return WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+
+def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Move to the worker's device and wrap in DDP when there are several workers."""
+    return ray.train.torch.prepare_model(model)
+
+
+def restore_state() -> dict | None:
+    """The state saved by the last ``report_epoch`` of this run (resume or retry), or None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+def report_epoch(metrics: dict, state: dict, rank: int) -> None:
+    """Every rank reports ``metrics``; rank 0 alone writes ``state`` as the checkpoint."""
+    if rank == 0:
+        with tempfile.TemporaryDirectory(prefix="sonoray-ckpt-") as folder:
+            torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+    else:
+        ray.train.report(metrics)
+
+
+def dataset_shard(name: str):
+    return ray.train.get_dataset_shard(name)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
