@@ -1,0 +1,162 @@
+"""The two-stream round: exactly budget_k oracle queries outside the labelled set, machine labels
+only from unlabelled non-queried samples that pass validation, audits drawn from them; applying
+the answers; and a short embeddings-mode loop that resumes from records to the same result."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ultrasound.active.confidence import ConfidenceConfig, confidence_validate
+from ultrasound.active.head import predict_head, train_head
+from ultrasound.active.rounds import RoundPlan, apply_answers, round_rng, tsal_round
+from ultrasound.active.state import ALState
+from ultrasound.active.strategies import StrategyContext, make_strategy
+
+POOL, L = 40, 3
+
+
+def setup(seed=0):
+    rng = np.random.default_rng(seed)
+    truth = (rng.random((POOL, L)) < 0.4).astype(np.uint8)
+    state = ALState(L).with_labels(np.arange(8), truth[:8], source="initial", round=0)
+    unlabelled = state.unlabelled_indices(POOL)
+    probs = rng.uniform(0.2, 0.8, size=(unlabelled.size, L))
+    confident = rng.random(unlabelled.size) < 0.5  # half the pool is confidently predicted
+    probs[confident] = np.where(rng.random((confident.sum(), L)) < 0.5, 0.03, 0.97)
+    return truth, state, unlabelled, probs
+
+
+def plan_for(state, unlabelled, probs, confidence=ConfidenceConfig(), audit=0.3, k=5, seed=1, strategy="mlm"):
+    ctx = StrategyContext(labelled_labels=state.labels_of(state.verified_indices()), rng=np.random.default_rng(seed))
+    return tsal_round(probs, unlabelled, state, k, make_strategy(strategy), ctx, confidence, audit,
+                      np.random.default_rng(seed + 100))
+
+
+def test_queries_and_machine_labels_come_from_the_right_places():
+    truth, state, unlabelled, probs = setup()
+    plan = plan_for(state, unlabelled, probs)
+    assert plan.round == 1
+    assert plan.queries.size == 5 and np.unique(plan.queries).size == 5
+    assert set(plan.queries) <= set(unlabelled)
+    assert not set(plan.queries) & set(state.labelled_indices())
+    # the queries are the 5 best MLM scores
+    ctx = StrategyContext(state.labels_of(state.verified_indices()), np.random.default_rng(0))
+    scores = make_strategy("mlm").score(probs, ctx)
+    assert plan.queries.tolist() == unlabelled[np.argsort(-scores)[:5]].tolist()
+    assert plan.query_scores == pytest.approx(np.sort(scores)[::-1][:5])
+    # machine labels: exactly the validated samples among the unlabelled, non-queried ones
+    rest = np.setdiff1d(unlabelled, plan.queries)
+    position = {int(i): p for p, i in enumerate(unlabelled)}
+    rows = [position[int(i)] for i in rest]
+    check = confidence_validate(probs[rows], state.labels_of(state.verified_indices()))
+    assert plan.machine_indices.tolist() == rest[check.accepted].tolist()
+    assert plan.machine_indices.size > 0
+    assert not set(plan.machine_indices) & set(plan.queries)
+    assert not set(plan.machine_indices) & set(state.labelled_indices())
+    assert plan.machine_labels.tolist() == check.labels[check.accepted].tolist()
+    # audits: ceil(0.3 * m) of the machine labels
+    assert plan.audits.size == math.ceil(0.3 * plan.machine_indices.size)
+    assert set(plan.audits) <= set(plan.machine_indices)
+
+
+def test_baselines_switch_the_machine_stream_off():
+    _, state, unlabelled, probs = setup()
+    for name in ("random", "least_margin", "mean_entropy", "lci", "adaptive"):
+        plan = plan_for(state, unlabelled, probs, confidence=None, strategy=name)
+        assert plan.queries.size == 5 and plan.machine_indices.size == 0 and plan.audits.size == 0
+
+
+def test_same_seed_same_plan_and_pool_exhaustion():
+    _, state, unlabelled, probs = setup()
+    a = plan_for(state, unlabelled, probs, strategy="random")
+    b = plan_for(state, unlabelled, probs, strategy="random")
+    assert a.queries.tolist() == b.queries.tolist() and a.audits.tolist() == b.audits.tolist()
+    everything = plan_for(state, unlabelled, probs, k=1000)
+    assert sorted(everything.queries.tolist()) == unlabelled.tolist()
+    assert everything.machine_indices.size == 0
+
+
+def test_machine_cap_keeps_the_most_confident():
+    _, state, unlabelled, probs = setup()
+    probs = probs.copy()
+    full = plan_for(state, unlabelled, probs, audit=0.0)
+    favourite = full.machine_indices[0]
+    probs[np.flatnonzero(unlabelled == favourite)[0]] = np.where(full.machine_labels[0] == 1, 0.999, 0.001)
+    capped = plan_for(state, unlabelled, probs, ConfidenceConfig(max_per_round=1), audit=0.0)
+    assert capped.machine_indices.tolist() == [favourite]
+
+
+def test_apply_answers_records_sources_costs_and_corrections():
+    truth, state, unlabelled, probs = setup()
+    plan = plan_for(state, unlabelled, probs, audit=1.0)
+    audit_answers = plan.machine_labels.copy()
+    audit_answers[0] = 1 - audit_answers[0]  # the oracle disagrees with the first machine label
+    new = apply_answers(state, plan, truth[plan.queries], audit_answers, query_costs=2.0, audit_costs=0.5)
+    assert len(state) == 8  # untouched
+    assert new.labelled_indices().size == 8 + 5 + plan.machine_indices.size
+    assert new.total_cost == pytest.approx(8 + 5 * 2.0 + plan.audits.size * 0.5)
+    first = new.record(plan.machine_indices[0])
+    assert first.audit == "corrected" and first.labels == tuple(audit_answers[0])
+    assert first.machine_labels == tuple(plan.machine_labels[0])
+    assert all(new.record(i).audit == "agreed" for i in plan.machine_indices[1:])
+    assert new.record(plan.queries[0]).labels == tuple(truth[plan.queries[0]])
+    summary = new.round_summary(1)
+    assert (summary["oracle"], summary["corrected"]) == (5, 1)
+    with pytest.raises(ValueError, match="already applied"):
+        apply_answers(new, plan, truth[plan.queries], audit_answers)
+
+
+def test_audit_gate_drops_unaudited_machine_labels():
+    truth, state, unlabelled, probs = setup()
+    plan = plan_for(state, unlabelled, probs, audit=0.3)
+    assert plan.machine_indices.size > plan.audits.size
+    wrong = 1 - plan.machine_labels_of(plan.audits)  # every audited label was wrong
+    gated = apply_answers(state, plan, truth[plan.queries], wrong, audit_gate=0.5)
+    assert gated.machine_indices().tolist() == plan.audits.tolist()
+    kept = apply_answers(state, plan, truth[plan.queries], wrong)  # no gate: all kept
+    assert kept.machine_indices().tolist() == plan.machine_indices.tolist()
+
+
+def test_invalid_plans_are_rejected():
+    truth, state, unlabelled, probs = setup()
+    with pytest.raises(ValueError, match="already labelled"):
+        plan_for(state, np.r_[unlabelled[1:], 0], probs)
+    plan = plan_for(state, unlabelled, probs)
+    with pytest.raises(ValueError, match="oracle_labels must be"):
+        apply_answers(state, plan, truth[:2], plan.machine_labels_of(plan.audits))
+    bad = RoundPlan(1, plan.queries, plan.query_scores, plan.queries[:1], np.zeros((1, L), np.uint8),
+                    np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="both queried and machine-labelled"):
+        apply_answers(state, bad, truth[plan.queries])
+
+
+def run_loop(truth, emb, seed, rounds, state=None):
+    """Embeddings-mode loop with a perfect oracle; rngs derived from (seed, round)."""
+    if state is None:
+        start = np.random.default_rng([seed, 0]).choice(len(emb), 6, replace=False)
+        state = ALState(truth.shape[1]).with_labels(start, truth[start], source="initial", round=0)
+    strategy = make_strategy("mlm", correlation_weight=0.5)
+    while state.next_round <= rounds:
+        rng = round_rng(seed, state.next_round)
+        indices, labels, verified = state.training_arrays()
+        head = train_head(emb[indices], labels, np.where(verified, 1.0, 0.5))
+        unlabelled = state.unlabelled_indices(len(emb))
+        probs = predict_head(head, emb[unlabelled])
+        ctx = StrategyContext(state.labels_of(state.verified_indices()), rng)
+        plan = tsal_round(probs, unlabelled, state, 4, strategy, ctx, ConfidenceConfig(threshold=0.8), 0.5, rng)
+        state = apply_answers(state, plan, truth[plan.queries], truth[plan.audits])
+    return state
+
+
+def test_a_resumed_loop_ends_where_an_uninterrupted_one_does():
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(80, 6)).astype(np.float32)
+    truth = np.stack([emb[:, 0] > 0, emb[:, 0] + 0.2 * emb[:, 1] > 0, emb[:, 2] > 0.5], axis=1).astype(np.uint8)
+    straight = run_loop(truth, emb, seed=3, rounds=3)
+    halfway = ALState.from_records(run_loop(truth, emb, seed=3, rounds=2).to_records())
+    resumed = run_loop(truth, emb, seed=3, rounds=3, state=halfway)
+    assert resumed == straight
+    assert straight.last_round == 3 and len(straight.machine_indices()) > 0
+    assert straight.round_summary(3)["oracle"] == 4
