@@ -16,6 +16,7 @@ JOB_MODULES = [
     "jobs.store",
     "jobs.ingest",
     "jobs.frames",
+    "jobs.submit",
 ]
 
 
