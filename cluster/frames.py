@@ -34,7 +34,8 @@ from ultrasound.video import (
     spooled,
 )
 
-FRAMES_PER_BATCH = 32
+FRAMES_PER_BATCH = 128
+BATCH_BYTES = 8 * 1024**2  # a yielded batch closes at 128 frames or 8 MiB, whichever comes first
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,13 @@ def _decode_video_batches(batch: dict, *, spec: StreamSpec, storage_config: Stor
 
 def _frame_batches(frames, meta: dict, findings: np.ndarray):
     buffer: list[tuple[int, float, np.ndarray]] = []
+    size = 0
     for item in frames:
         buffer.append(item)
-        if len(buffer) == FRAMES_PER_BATCH:
+        size += item[2].nbytes
+        if len(buffer) == FRAMES_PER_BATCH or size >= BATCH_BYTES:
             yield _pack(buffer, meta, findings)
-            buffer = []
+            buffer, size = [], 0
     if buffer:
         yield _pack(buffer, meta, findings)
 

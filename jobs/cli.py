@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+from cluster.redact import install_log_redaction
 from cluster.storage import StorageError
 from jobs.output import UserError, fail
 from ultrasound.manifest import ManifestError
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_log_redaction()  # credentials never reach a log line, whatever logger prints it
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
