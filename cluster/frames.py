@@ -48,7 +48,8 @@ class StreamSpec:
     mode: str = "frames"  # or "clips"
     seed: int | None = None
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
-    cpus_per_task: float = 1.0
+    # Several decodes per CPU: while one task waits on its object fetch, another decodes.
+    cpus_per_task: float = 0.25
 
     def __post_init__(self) -> None:
         if self.mode not in ("frames", "clips"):
