@@ -1,0 +1,191 @@
+"""`sonoray simulate` and `sonoray report`: labelling-budget simulations and their report.
+
+`simulate` runs (strategy x seed) active-learning experiments on Ray against a simulated
+oracle, writing every completed round as Parquet under --out, then builds the report (learning
+curves PNG, markdown + JSON table). Running the same command again skips finished experiments
+and resumes interrupted ones. `report URI` rebuilds the report from the Parquet files alone.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import yaml
+
+from jobs.common import add_json_arg, add_ray_args, add_storage_args, connect_ray, csv_list, storage_from
+from jobs.output import UserError, emit_json, progress
+
+# CLI flag -> SimulationConfig field (flags left unset keep the YAML's or the default value)
+CONFIG_FLAGS = {
+    "strategies": "strategies", "initial": "initial", "per_round": "per_round", "rounds": "rounds",
+    "seeds": "seeds", "mode": "mode", "labels": "labels", "noise": "noise", "cost_unit": "cost_unit",
+    "confidence": "confidence", "audit": "audit", "audit_cost": "audit_cost",
+    "correlation_weight": "correlation_weight", "machine_weight": "machine_weight",
+    "test_fraction": "test_fraction",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="labelling-budget simulations: active-learning experiments on Ray",
+        description="Run every (strategy, seed) active-learning experiment on the data set at --data "
+        "against a simulated oracle and write rounds, reference and report under --out. 'tsal' = "
+        "multi-label margin queries + confidence-validated machine labels + audits; random, "
+        "least_margin, mean_entropy, lci, adaptive, mlm are single-stream baselines. Settings come "
+        "from the defaults, then --config FILE.yaml (keys = the settings' names), then the flags.",
+    )
+    p.add_argument("--data", required=True, metavar="URI", help="data set written by `sonoray ingest`")
+    p.add_argument("--out", required=True, metavar="URI", help="results folder (local path or s3://bucket/prefix)")
+    p.add_argument("--config", metavar="FILE", default=None, help="YAML file of simulation settings")
+    p.add_argument("--strategies", type=csv_list, default=None,
+                   help="comma-separated (default tsal,random,least_margin,mean_entropy,lci,adaptive)")
+    p.add_argument("--initial", type=float, default=None, help="initial labelled share of the pool (0.05)")
+    p.add_argument("--per-round", type=float, default=None, help="oracle queries per round, share of the pool (0.05)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds after the initial set (9)")
+    p.add_argument("--seeds", type=int, default=None, help="experiments per strategy, seeds 0..S-1 (3)")
+    p.add_argument("--mode", choices=["embeddings", "finetune"], default=None,
+                   help="embeddings: head on frozen embeddings (default); finetune: MSML retrained each round")
+    p.add_argument("--labels", type=csv_list, default=None, help="finding columns (default: all)")
+    p.add_argument("--init", default=None, metavar="CKPT", help="backbone checkpoint URI (default: random init)")
+    p.add_argument("--noise", type=float, default=None, help="annotator error: per-label flip rate (0)")
+    p.add_argument("--cost-unit", choices=["frame", "video"], default=None, help="what one label costs (frame)")
+    p.add_argument("--confidence", type=float, default=None, help="TSAL machine-label confidence threshold (0.9)")
+    p.add_argument("--audit", type=float, default=None, help="share of machine labels the oracle audits (0.1)")
+    p.add_argument("--audit-cost", type=float, default=None, help="cost of one audit (0.5)")
+    p.add_argument("--correlation-weight", type=float, default=None, help="MLM label-correlation weight (0.5)")
+    p.add_argument("--machine-weight", type=float, default=None, help="training weight of machine labels (0.5)")
+    p.add_argument("--test-fraction", type=float, default=None, help="held-out share of patients (0.25)")
+    sampling = p.add_argument_group("frames and embeddings")
+    sampling.add_argument("--fps", type=float, default=3.0, help="frames kept per second (default 3; 0 = all)")
+    sampling.add_argument("--max-per-video", type=int, default=30, help="frames per video at most (30; 0 = no cap)")
+    sampling.add_argument("--size", type=int, default=224, help="frame side for the trunk (224)")
+    sampling.add_argument("--channels", type=int, choices=[1, 3], default=3, help="trunk input channels (3)")
+    sampling.add_argument("--embed-seed", type=int, default=0, help="seed of a random-init trunk (0)")
+    sampling.add_argument("--embed-workers", type=int, default=None, help="embedding actors at most")
+    sampling.add_argument("--embed-gpu", action="store_true", help="embed on GPUs")
+    sampling.add_argument("--cache", default=None, metavar="URI", help="embeddings cache (default <out>/cache)")
+    run = p.add_argument_group("execution")
+    run.add_argument("--cpus-per-experiment", type=float, default=0.5, help="CPUs per experiment task (0.5)")
+    run.add_argument("--gpus-per-experiment", type=float, default=0.0, help="GPUs per experiment task (0)")
+    run.add_argument("--max-retries", type=int, default=3, help="retries of a crashed experiment (3)")
+    run.add_argument("--serial", action="store_true", help="run the experiments one by one in this process")
+    add_storage_args(p)
+    add_ray_args(p)
+    add_json_arg(p)
+    p.set_defaults(func=run_simulate)
+
+    r = subparsers.add_parser(
+        "report",
+        help="rebuild a simulation's report from its Parquet files",
+        description="Read every completed round under URI/experiments and the full-data references, "
+        "and write URI/report/{learning_curves.png,report.md,report.json}.",
+    )
+    r.add_argument("uri", metavar="URI", help="the --out of `sonoray simulate`")
+    add_storage_args(r)
+    add_json_arg(r)
+    r.set_defaults(func=run_report)
+
+
+def config_from_args(args: argparse.Namespace, storage) -> Any:
+    """Defaults, then the YAML file, then the flags that were given."""
+    from cluster.simulate import SimulationConfig
+    from cluster.storage import parse_uri
+
+    values: dict[str, Any] = {}
+    if args.config:
+        try:
+            loaded = yaml.safe_load(storage.read_bytes(parse_uri(args.config)).decode())
+        except (OSError, yaml.YAMLError) as err:
+            raise UserError(f"cannot read --config {args.config}: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"--config {args.config}: expected a mapping of settings, got {type(loaded).__name__}")
+        values.update(loaded)
+    for flag, key in CONFIG_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            values[key] = value
+    try:
+        return SimulationConfig.from_mapping(values)
+    except (TypeError, ValueError) as err:
+        where = f" in {args.config}" if args.config else ""
+        raise UserError(f"bad simulation settings{where}: {err}") from err
+
+
+def sample_spec_from(args: argparse.Namespace) -> Any:
+    from cluster.embeddings import SampleSpec
+
+    try:
+        return SampleSpec(fps=args.fps or None, max_per_video=args.max_per_video or None, size=args.size,
+                          channels=args.channels, init=args.init, seed=args.embed_seed,
+                          workers=args.embed_workers, gpu=args.embed_gpu)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from cluster.simulate import simulate
+
+    storage = storage_from(args)
+    config = config_from_args(args, storage)
+    spec = sample_spec_from(args)
+    progress(connect_ray(args))
+    try:
+        result = simulate(args.data, config, args.out, storage, spec, cache_uri=args.cache, on_progress=progress,
+                          executor="serial" if args.serial else "ray", cpus_per_experiment=args.cpus_per_experiment,
+                          gpus_per_experiment=args.gpus_per_experiment, max_retries=args.max_retries)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    for item in result.failed:
+        progress(f"  failed {item['experiment_id']}: {item['error']}")
+    if result.report is not None:
+        print(result.report["markdown"])
+    if args.json:
+        emit_json(result.as_json())
+    if result.failed:
+        progress(f"simulate: {len(result.failed)} experiments failed; run the same command again to resume them")
+        return 1
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from cluster.simulate import build_report
+
+    report = build_report(storage_from(args), args.uri, on_progress=progress)
+    print(report["markdown"])
+    if args.json:
+        emit_json(report_json(report))
+    return 0
+
+
+def report_json(report: dict) -> dict:
+    return {"experiments": report["experiments"], "rounds": report["rounds"], "report": report["report_uri"],
+            "strategies": {name: {"aulc": s["aulc"], "final_map": s["final_map"]}
+                           for name, s in report["summary"]["strategies"].items()}}
+
+
+def demo_stage(data_uri: str, work_uri: str, *, strategies: tuple[str, ...] = ("tsal", "random", "least_margin"),
+               seeds: int = 2, rounds: int = 4, initial: float = 0.1, per_round: float = 0.1, size: int = 64,
+               fps: float | None = 3.0, max_per_video: int | None = 12, on_progress=progress) -> dict:
+    """The demo's simulation: embeddings of the phantom clips (random-init trunk) and a small
+    simulation (3 strategies x 2 seeds x 4 rounds by default) with its report under
+    ``<work_uri>/simulate``. Returns the summary (``--json`` object plus the table)."""
+    from cluster.embeddings import SampleSpec
+    from cluster.runtime import connect
+    from cluster.simulate import SimulationConfig, simulate
+    from cluster.storage import Storage, StorageConfig, parse_uri
+
+    connect()
+    started = time.perf_counter()
+    out = parse_uri(work_uri).join("simulate")
+    config = SimulationConfig(strategies=tuple(strategies), seeds=seeds, rounds=rounds, initial=initial,
+                              per_round=per_round)
+    spec = SampleSpec(fps=fps, max_per_video=max_per_video, size=size, channels=1)
+    result = simulate(data_uri, config, out.uri, Storage(StorageConfig.from_env()), spec, on_progress=on_progress)
+    summary = result.as_json()
+    summary["table"] = result.report["markdown"] if result.report else ""
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return summary

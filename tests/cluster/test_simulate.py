@@ -1,0 +1,240 @@
+"""The labelling-budget simulator on a real local Ray, phantom clips and the loopback S3 server.
+
+Tiny sizes: 8 phantom clips, 12 frames each at 32 px, 2-3 strategies x 2 seeds x 3 rounds.
+"""
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cluster.dataset import load_dataset
+from cluster.embeddings import SampleSpec, load_samples
+from cluster.simulate import (
+    FaultInjection,
+    SimulationConfig,
+    completed_rounds,
+    make_splits,
+    plan_experiments,
+    simulate,
+    simulate_table,
+)
+from cluster.storage import parse_uri
+from jobs.cli import main
+from tests.conftest import run_cli
+from ultrasound.backbone import ResNet18Backbone
+from ultrasound.msml import prepare_images
+
+TIMING = {"fit_seconds", "round_seconds"}
+SAMPLING = ["--fps", "0", "--max-per-video", "12", "--size", "32", "--channels", "1"]
+SETTINGS = ["--strategies", "tsal,random,least_margin", "--seeds", "2", "--rounds", "3", "--initial", "0.1",
+            "--per-round", "0.1", "--confidence", "0.7"]
+CONFIG = SimulationConfig(strategies=("tsal", "random", "least_margin"), seeds=2, rounds=3, initial=0.1,
+                          per_round=0.1, confidence=0.7)
+SPEC = SampleSpec(fps=None, max_per_video=12, size=32, channels=1)
+
+
+@pytest.fixture(scope="module")
+def cache_uri(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("sim-cache"))
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_cluster, phantom_uri, cache_uri, storage):
+    """One uninterrupted simulation into S3 through the CLI; (out URI, its JSON)."""
+    out = "s3://sonoray-test/sim-clean"
+    code, result = run_cli(main, ["simulate", "--data", phantom_uri, "--out", out, "--cache", cache_uri,
+                                  *SAMPLING, *SETTINGS, "--json"])
+    assert code == 0
+    return out, result
+
+
+def snapshot(storage, out_uri: str) -> dict:
+    """Every round of every experiment: (records, metadata without timings), and the references."""
+    out = parse_uri(out_uri)
+    found: dict = {}
+    for path in storage.list_files(out.join("experiments")):
+        exp_id, _, name = path.partition("/")
+        if name.startswith("round_"):
+            table = storage.read_parquet(out.join("experiments", path))
+            meta = json.loads(table.schema.metadata[b"sonoray.round"])
+            found[(exp_id, name)] = (table.to_pylist(), {k: v for k, v in meta.items() if k not in TIMING})
+    for name in storage.list_files(out.join("reference")):
+        row = storage.read_parquet(out.join("reference", name)).to_pylist()[0]
+        found[("reference", name)] = {k: v for k, v in row.items() if k != "seconds"}
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_simulation_writes_every_round_and_the_oracle_saw_only_its_queries(clean_run, storage, phantom_uri,
+                                                                           cache_uri):
+    out_uri, result = clean_run
+    assert (result["experiments"], result["rounds"], result["resumed_rounds"], result["failed"]) == (6, 24, 0, 0)
+    assert set(result["strategies"]) == {"tsal", "random", "least_margin"}
+    assert result["report"] == f"{out_uri}/report/report.md"
+    out = parse_uri(out_uri)
+    assert storage.read_bytes(out.join("report", "learning_curves.png"))[:4] == b"\x89PNG"
+
+    table, cached = load_samples(load_dataset(phantom_uri, storage), SPEC, parse_uri(cache_uri), storage)
+    assert cached and table.features.shape == (len(table), 512)
+    splits = make_splits(table, CONFIG)
+    rows = snapshot(storage, out_uri)
+    for spec in plan_experiments(table, CONFIG):
+        split = splits[spec.seed]
+        names = [f"round_{r}.parquet" for r in range(4)]
+        records = [rec for name in names for rec in rows[(spec.experiment_id, name)][0]]
+        metas = [rows[(spec.experiment_id, name)][1] for name in names]
+        pool = split.train
+        assert [m["round"] for m in metas] == [0, 1, 2, 3]
+        assert all(np.isfinite(m["map"]) and 0 <= m["map"] <= 1 for m in metas)
+        assert metas[0]["labelled"] == metas[0]["budget_initial"] == round(0.1 * pool.size)
+        human = [r for r in records if r["source"] != "machine" or r["audit"] != "none"]
+        assert sum(r["cost"] for r in records) == pytest.approx(metas[-1]["cost_total"])
+        if spec.strategy != "tsal":
+            assert len(records) == metas[0]["budget_initial"] + 3 * metas[0]["budget_per_round"]
+            assert not [r for r in records if r["source"] == "machine"]
+        # global indices are the pool's, never a test sample
+        assert all(pool[r["index"]] == r["global_index"] for r in records)
+        assert not set(r["global_index"] for r in records) & set(split.test.tolist())
+        # the oracle's log of this experiment = exactly the human-labelled samples, costs included
+        log = storage.read_parquet(out.join("experiments", spec.experiment_id, "oracle_log.parquet")).to_pylist()
+        assert sorted(e["index"] for e in log) == sorted(r["global_index"] for r in human)
+        assert sum(e["cost"] for e in log) == pytest.approx(metas[-1]["cost_total"])
+        truth = {int(i): y for i, y in zip(pool, table.labels[pool].tolist())}
+        assert all(e["labels"] == truth[e["index"]] for e in log)  # noise 0: the truth, asked for
+
+
+@pytest.mark.timeout(600)
+def test_rerun_does_no_work_and_report_rebuilds_the_same_table(clean_run, storage, phantom_uri, cache_uri):
+    out_uri, first = clean_run
+    before = snapshot(storage, out_uri)
+    code, again = run_cli(main, ["simulate", "--data", phantom_uri, "--out", out_uri, "--cache", cache_uri,
+                                 *SAMPLING, *SETTINGS, "--json"])
+    assert code == 0
+    assert (again["rounds"], again["resumed_rounds"], again["skipped"]) == (0, 24, 6)
+    assert again["strategies"] == first["strategies"]
+    assert snapshot(storage, out_uri) == before
+
+    report_json = json.loads(storage.read_bytes(parse_uri(out_uri).join("report", "report.json")))
+    code, rebuilt = run_cli(main, ["report", out_uri, "--json"])
+    assert code == 0
+    assert rebuilt["strategies"] == first["strategies"] and rebuilt["experiments"] == 6 and rebuilt["rounds"] == 24
+    assert json.loads(storage.read_bytes(parse_uri(out_uri).join("report", "report.json"))) == report_json
+
+
+@pytest.mark.timeout(600)
+def test_killed_experiment_resumes_from_its_last_round_with_the_same_result(clean_run, storage, phantom_uri,
+                                                                          cache_uri, tmp_path):
+    out_uri, _ = clean_run
+    data = load_dataset(phantom_uri, storage)
+    table, _ = load_samples(data, SPEC, parse_uri(cache_uri), storage)
+    victim = next(s for s in plan_experiments(table, CONFIG) if s.strategy == "tsal" and s.seed == 1)
+
+    # 1. the worker running the experiment dies right after round 1 is written; no retry
+    crashed = str(tmp_path / "crashed")
+    fault = FaultInjection(victim.experiment_id, after_round=1, marker_uri=str(tmp_path / "marker1"))
+    result = simulate(phantom_uri, CONFIG, crashed, storage, SPEC, cache_uri=cache_uri, fault=fault, max_retries=0)
+    assert [f["experiment_id"] for f in result.failed] == [victim.experiment_id]
+    files = storage.list_files(parse_uri(crashed).join("experiments", victim.experiment_id))
+    assert completed_rounds(files) == 2 and "oracle_log.parquet" not in files
+    # 2. the same command again resumes it from round 2 and recomputes nothing else
+    code, rerun = run_cli(main, ["simulate", "--data", phantom_uri, "--out", crashed, "--cache", cache_uri,
+                                 *SAMPLING, *SETTINGS, "--json"])
+    assert code == 0
+    assert (rerun["rounds"], rerun["resumed_rounds"], rerun["skipped"], rerun["failed"]) == (2, 22, 5, 0)
+    assert snapshot(storage, crashed) == snapshot(storage, out_uri)
+
+    # 3. with retries the crash is absorbed in the same run: Ray retries the task, which resumes
+    retried = str(tmp_path / "retried")
+    fault = FaultInjection(victim.experiment_id, after_round=2, marker_uri=str(tmp_path / "marker2"))
+    result = simulate(phantom_uri, CONFIG, retried, storage, SPEC, cache_uri=cache_uri, fault=fault, max_retries=1)
+    assert result.failed == [] and result.rounds == 24 - 3 and result.resumed_rounds == 3
+    assert snapshot(storage, retried) == snapshot(storage, out_uri)
+
+
+@pytest.mark.timeout(600)
+def test_serial_run_in_one_process_gives_the_ray_results(clean_run, storage, phantom_uri, cache_uri, tmp_path):
+    out_uri, first = clean_run
+    table, _ = load_samples(load_dataset(phantom_uri, storage), SPEC, parse_uri(cache_uri), storage)
+    result = simulate_table(table, CONFIG, str(tmp_path / "serial"), storage, executor="serial")
+    assert result.rounds == 24 and not result.failed
+    assert snapshot(storage, str(tmp_path / "serial")) == snapshot(storage, out_uri)
+
+
+def test_bad_config_key_fails_naming_the_valid_keys(tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("confidence: 0.95\nthreshhold: 0.9\n")
+    code, _ = run_cli(main, ["simulate", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                             "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "threshhold" in err and "valid keys" in err and "correlation_weight" in err and "confidence" in err
+
+
+def test_config_file_then_flags(tmp_path):
+    from jobs.cli import build_parser
+    from jobs.simulate import config_from_args
+    from cluster.storage import Storage
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("confidence: 0.95\ncorrelation_weight: 0.2\nper_round: 0.2\nstrategies: tsal,random\n")
+    args = build_parser().parse_args(["simulate", "--data", "d", "--out", "o", "--config", str(config),
+                                      "--per-round", "0.1"])
+    cfg = config_from_args(args, Storage())
+    assert (cfg.confidence, cfg.correlation_weight, cfg.per_round, cfg.strategies) == (0.95, 0.2, 0.1,
+                                                                                        ("tsal", "random"))
+    assert cfg.confidence_config().threshold == 0.95 and cfg.strategy("tsal").correlation_weight == 0.2
+    # the TSAL settings are part of TSAL's experiment id, not of the baselines'
+    a, b = SimulationConfig(confidence=0.9), SimulationConfig(confidence=0.95)
+    assert a.experiment_settings("tsal") != b.experiment_settings("tsal")
+    assert a.experiment_settings("random") == b.experiment_settings("random")
+
+
+@pytest.mark.timeout(600)
+def test_embeddings_are_the_trunk_features_of_the_streamed_frames(ray_cluster, phantom_uri, storage, tmp_path):
+    """A USCL-style checkpoint (``{"model": {"backbone.*": ...}}``) is loaded by the embedding
+    actors: their output equals the same trunk applied here to the same (sorted) frames."""
+    backbone = ResNet18Backbone(in_channels=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        backbone = ResNet18Backbone(in_channels=1)
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"model": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, checkpoint)
+    data = load_dataset(phantom_uri, storage).select([f"phantom_{i:04d}" for i in range(3)])
+    spec = SampleSpec(fps=None, max_per_video=5, size=32, channels=1, init=str(checkpoint))
+    cache = parse_uri(str(tmp_path / "cache"))
+    table, cached = load_samples(data, spec, cache, storage)
+    images, _ = load_samples(data, SampleSpec(kind="images", fps=None, max_per_video=5, size=32, channels=1),
+                             cache, storage)
+    assert not cached and table.features.shape == (15, 512) and images.features.shape == (15, 32, 32, 1)
+    assert table.video_id.tolist() == images.video_id.tolist() == sorted(table.video_id.tolist())
+    assert all(np.all(np.diff(table.frame_index[table.video_id == v]) > 0) for v in set(table.video_id))
+    truth = {r["video_id"]: [r[f] for f in data.findings] for r in data.rows}
+    assert table.labels.tolist() == [truth[v] for v in table.video_id]
+    backbone.eval()
+    with torch.no_grad():
+        expected = backbone(prepare_images(images.features, 32, 1)).numpy()
+    assert np.allclose(table.features, expected, atol=1e-4)
+    again, cached = load_samples(data, spec, cache, storage)  # cache hit: no Ray Data
+    assert cached and np.array_equal(again.features, table.features)
+    random_init, _ = load_samples(data, SampleSpec(fps=None, max_per_video=5, size=32, channels=1), cache, storage)
+    assert random_init.key != table.key and not np.allclose(random_init.features, table.features)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_finetune_mode_retrains_msml_each_round(ray_cluster, phantom_uri, storage, cache_uri, tmp_path):
+    """Finetune mode at a tiny size: MSML on 32 px frames, 1 epoch, 1 strategy x 1 seed x 1 round."""
+    config = SimulationConfig(strategies=("least_margin",), seeds=1, rounds=1, initial=0.3, per_round=0.2,
+                              mode="finetune", finetune_epochs=1, finetune_batch_size=8)
+    out = str(tmp_path / "finetune")
+    result = simulate(phantom_uri, config, out, storage, SPEC, cache_uri=cache_uri)
+    assert not result.failed and result.rounds == 2
+    rows = snapshot(storage, out)
+    metas = [v[1] for k, v in sorted(rows.items()) if k[0] != "reference"]
+    assert [m["round"] for m in metas] == [0, 1] and all(np.isfinite(m["map"]) for m in metas)
+    assert metas[1]["labelled"] == metas[0]["labelled"] + metas[0]["budget_per_round"]
+    refs = [v for k, v in rows.items() if k[0] == "reference"]
+    assert len(refs) == 1 and np.isfinite(refs[0]["map"])
