@@ -8,6 +8,7 @@ saved epoch. Checkpoints live under ``<out>/ray/<name>``; the final model is cop
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster.storage import Location, Storage, parse_uri
@@ -66,6 +67,7 @@ def fit(
     *,
     resume: bool = False,
     storage: Storage | None = None,
+    keep_checkpoints: int | None = None,
 ) -> ray.train.Result:
     """Run ``train_loop`` on ``scale.workers`` ranks; returns Ray Train's Result.
 
@@ -95,6 +97,7 @@ def fit(
             storage_path=runs.fs_path,
             storage_filesystem=storage.filesystem(runs),
             failure_config=FailureConfig(max_failures=scale.max_failures, controller_failure_limit=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
         datasets=datasets,
     )
@@ -107,15 +110,22 @@ def fit(
     return result
 
 
-def export_final(result: ray.train.Result, out_uri: str, history: list[dict], storage: Storage | None = None) -> str:
+def export_final(result: ray.train.Result, out_uri: str, history: list[dict], storage: Storage | None = None,
+                 exclude: tuple[str, ...] = ()) -> str:
     """Copy the last checkpoint's state to ``<out>/model.pt`` and the history to
-    ``<out>/metrics.json``; returns the model URI."""
+    ``<out>/metrics.json``; returns the model URI. ``exclude`` drops top-level keys of the state
+    (e.g. ``("optimizer",)``: what resuming needs but a finished model does not)."""
     storage = storage or Storage()
     out = parse_uri(out_uri)
     if result.checkpoint is None:
         raise TrainingError(f"training under {out.uri} produced no checkpoint")
     with result.checkpoint.as_directory() as folder:
         data = (Path(folder) / CHECKPOINT_FILE).read_bytes()
+    if exclude:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        buffer = io.BytesIO()
+        torch.save({k: v for k, v in state.items() if k not in exclude}, buffer)
+        data = buffer.getvalue()
     target = out.join("model.pt")
     storage.write_bytes(target, data)
     storage.write_bytes(out.join("metrics.json"), json.dumps(history, indent=1).encode())

@@ -18,6 +18,8 @@ JOB_MODULES = [
     "jobs.ingest",
     "jobs.frames",
     "jobs.simulate",
+    "jobs.pretrain",
+    "jobs.evaluate",
     "jobs.submit",
 ]
 

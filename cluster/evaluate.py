@@ -1,0 +1,335 @@
+"""Downstream evaluation of a pretrained backbone on an ingested data set.
+
+The protocol of USCL (Chen et al., MICCAI 2021) on POCUS, without its flaws: frames sampled as
+the POCUS authors did (3 per second, at most 30 per video), K-fold cross-validation split by
+patient where known and by video otherwise, model selection on a validation split carved from
+the training folds (never on the test fold), a linear probe on frozen features or fine-tuning of
+the last residual block. The science is in ``ultrasound.evaluation``; this module decides which
+videos are in which fold, loads their frames once through the frame stream (Ray Data) into the
+driver's memory, and runs the folds.
+
+The fold split is made per video from the manifest alone (:func:`video_folds`), so that
+``sonoray pretrain --holdout-fold I`` masks exactly the labels of the videos that ``sonoray
+evaluate`` later tests in fold I, whatever frames either job samples.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cluster.dataset import IngestedDataset
+from cluster.frames import StreamSpec, frame_stream
+from cluster.storage import Storage, parse_uri
+from ultrasound.evaluation import (
+    backbone_from_state,
+    carve_validation,
+    classification_report,
+    extract_features,
+    finetune_last_block,
+    group_kfold_split,
+    linear_probe,
+    summarise_folds,
+    video_level_accuracy,
+)
+from ultrasound.video import FrameFormat, FrameSampling
+
+#: The POCUS authors' frame sampling for classification: 3 frames per second, at most 30.
+POCUS_FPS = 3.0
+POCUS_MAX_PER_VIDEO = 30
+MODES = ("linear", "finetune")
+
+
+class EvaluationError(ValueError):
+    """An evaluation that must not run (e.g. a checkpoint that saw test-fold labels)."""
+
+
+def split_group(row: Mapping[str, Any]) -> str:
+    """The unit no split may cut: the patient when known, else the video."""
+    patient = str(row.get("patient_id") or "").strip()
+    return f"patient:{patient}" if patient else f"video:{row['video_id']}"
+
+
+def evaluation_rows(data: IngestedDataset, classes: Sequence[str] | None = None,
+                    probe: str | None = None) -> tuple[list[dict], list[str]]:
+    """The videos a cross-validation uses and its class names (sorted).
+
+    Videos need a class label; ``classes`` (default: every label of the manifest) keeps those
+    classes only, ``probe`` (e.g. ``convex``) those recorded with that probe.
+    """
+    known = data.classes
+    if classes is None:
+        classes = known
+    classes = sorted(dict.fromkeys(str(c) for c in classes))
+    unknown = sorted(set(classes) - set(known))
+    if unknown:
+        raise EvaluationError(f"classes {unknown} do not occur in {data.root.uri}; "
+                              f"its labels are {known}")
+    if len(classes) < 2:
+        raise EvaluationError(f"classification needs >= 2 classes, got {classes}")
+    wanted_probe = probe.strip().lower() if probe else None
+    rows = [r for r in data.rows if r.get("label") in classes
+            and (wanted_probe is None or str(r.get("probe") or "").lower() == wanted_probe)]
+    if not rows:
+        raise EvaluationError(f"no video of {data.root.uri} has a label in {classes}"
+                              + (f" and probe {wanted_probe!r}" if wanted_probe else ""))
+    return rows, classes
+
+
+def video_folds(rows: Sequence[Mapping[str, Any]], classes: Sequence[str], k: int,
+                seed: int) -> list[list[str]]:
+    """The video ids of each of the ``k`` test folds.
+
+    One entry per video goes to ``ultrasound.evaluation.group_kfold_split`` (groups: patients
+    where known, else videos; stratified by class), so the split depends only on the manifest
+    rows, ``k`` and ``seed``. Every video lies in exactly one test fold and all videos of a
+    patient lie in the same one.
+    """
+    ids = [str(r["video_id"]) for r in rows]
+    if len(set(ids)) != len(ids):
+        raise EvaluationError("video ids are not unique")
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[r["label"]] for r in rows])
+    groups = np.array([split_group(r) for r in rows])
+    try:
+        folds = group_kfold_split(groups, labels, k=k, seed=seed)
+    except ValueError as err:
+        raise EvaluationError(f"cannot make {k} folds of {len(rows)} videos: {err}") from err
+    return [sorted(ids[i] for i in test) for _, test in folds]
+
+
+@dataclass(frozen=True)
+class HoldoutSpec:
+    """Which test fold's labels pretraining must not see: fold ``fold`` of the split that
+    ``sonoray evaluate --folds folds --split-seed seed [--classes ...] [--probe ...]`` makes."""
+
+    fold: int
+    folds: int = 5
+    seed: int = 0
+    classes: tuple[str, ...] | None = None
+    probe: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}")
+        if not 0 <= self.fold < self.folds:
+            raise ValueError(f"holdout fold must be in [0, {self.folds - 1}], got {self.fold}")
+
+    def test_video_ids(self, data: IngestedDataset) -> list[str]:
+        rows, classes = evaluation_rows(data, self.classes, self.probe)
+        return video_folds(rows, classes, self.folds, self.seed)[self.fold]
+
+    def as_dict(self) -> dict:
+        return {"fold": self.fold, "folds": self.folds, "seed": self.seed,
+                "classes": list(self.classes) if self.classes else None, "probe": self.probe}
+
+
+# -- frames in memory ------------------------------------------------------------------------
+@dataclass
+class EvalFrames:
+    """Every sampled frame of the evaluated videos, in memory.
+
+    Shape:
+        - images: ``(N, S, S, C)`` uint8; labels ``(N,)`` int class indices; video_ids,
+          groups ``(N,)`` str (groups: patient or video, see :func:`split_group`).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    video_ids: np.ndarray
+    groups: np.ndarray
+    classes: list[str]
+    failed: list[dict]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def load_eval_frames(data: IngestedDataset, rows: Sequence[Mapping[str, Any]],
+                     classes: Sequence[str], *, image_size: int, channels: int,
+                     fps: float = POCUS_FPS, max_per_video: int | None = POCUS_MAX_PER_VIDEO,
+                     cpus_per_task: float = 1.0) -> EvalFrames:
+    """Stream the frames of ``rows`` (``fps`` per second, at most ``max_per_video``) resized to
+    ``image_size`` through Ray Data, and collect them on the driver, sorted by video and frame."""
+    subset = data.select([r["video_id"] for r in rows])
+    spec = StreamSpec(sampling=FrameSampling(fps=fps, max_per_video=max_per_video),
+                      fmt=FrameFormat(channels=channels, size=image_size), mode="frames",
+                      seed=0, cpus_per_task=cpus_per_task)
+    stream = frame_stream(subset, spec)
+    columns = stream.dataset.select_columns(["video_id", "frame_index", "image"])
+    ids, index, images = [], [], []
+    for batch in columns.iter_batches(batch_size=None, batch_format="numpy"):
+        ids.append(np.asarray(batch["video_id"]).astype(str))
+        index.append(np.asarray(batch["frame_index"], dtype=np.int64))
+        images.append(np.asarray(batch["image"], dtype=np.uint8))
+    failed = stream.failed()
+    if not ids:
+        raise EvaluationError(f"no frame could be decoded from {len(rows)} videos: {failed[:3]}")
+    ids_all, index_all = np.concatenate(ids), np.concatenate(index)
+    order = np.lexsort((index_all, ids_all))
+    by_id = {str(r["video_id"]): r for r in rows}
+    class_index = {c: i for i, c in enumerate(classes)}
+    ids_all = ids_all[order]
+    return EvalFrames(
+        images=np.concatenate(images)[order],
+        labels=np.array([class_index[by_id[v]["label"]] for v in ids_all], dtype=np.int64),
+        video_ids=ids_all,
+        groups=np.array([split_group(by_id[v]) for v in ids_all]),
+        classes=list(classes),
+        failed=failed,
+    )
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A backbone to evaluate: its state (None = random init) and what pretraining recorded."""
+
+    uri: str
+    state: dict | None
+    labelled_video_ids: frozenset[str] | None  # None: the file records no label provenance
+    config: dict | None
+
+    @property
+    def channels(self) -> int | None:
+        return int(self.config["channels"]) if self.config and "channels" in self.config else None
+
+    @property
+    def image_size(self) -> int | None:
+        return int(self.config["image_size"]) if self.config and "image_size" in self.config \
+            else None
+
+
+def load_checkpoint(uri: str, storage: Storage | None = None) -> LoadedCheckpoint:
+    """``random``, a ``sonoray pretrain`` model.pt (local path or s3://), or any state dict."""
+    if uri == RANDOM:
+        return LoadedCheckpoint(RANDOM, None, frozenset(), None)
+    storage = storage or Storage()
+    location = parse_uri(uri)
+    if not storage.exists(location):
+        raise FileNotFoundError(f"no checkpoint at {location.uri}")
+    blob = torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu",
+                      weights_only=False)
+    if not isinstance(blob, dict):
+        raise EvaluationError(f"{location.uri} holds a {type(blob).__name__}, not a state dict")
+    if isinstance(blob.get("model"), dict):
+        labelled = blob.get("labelled_video_ids")
+        return LoadedCheckpoint(location.uri, blob["model"],
+                                None if labelled is None else frozenset(map(str, labelled)),
+                                blob.get("config"))
+    return LoadedCheckpoint(location.uri, blob, None, None)
+
+
+def check_no_test_labels(checkpoint: LoadedCheckpoint, test_video_ids: Sequence[str],
+                         fold: int) -> None:
+    """Refuse a checkpoint pretrained with the class labels of any test video of ``fold``."""
+    if not checkpoint.labelled_video_ids:
+        return
+    leaked = sorted(checkpoint.labelled_video_ids & set(map(str, test_video_ids)))
+    if leaked:
+        raise EvaluationError(
+            f"{checkpoint.uri} was pretrained with the labels of {len(leaked)} test video(s) of "
+            f"fold {fold} (e.g. {leaked[:3]}): its accuracy on that fold would be inflated. "
+            f"Pretrain one checkpoint per fold with `sonoray pretrain --holdout-fold I --folds K "
+            f"--split-seed S` (same --folds/--split-seed/--classes/--probe as here) and pass "
+            f"--checkpoint '.../{{fold}}/model.pt', or pretrain with --unlabelled")
+
+
+# -- cross-validation --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalSettings:
+    mode: str = "linear"
+    image_size: int = 224
+    channels: int = 1
+    epochs: int = 20  # fine-tuning epochs
+    lr: float = 1e-3
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32, got {self.image_size}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+
+def fold_of_frames(video_ids: Sequence[str], folds: Sequence[Sequence[str]]) -> np.ndarray:
+    """The test fold of every frame (from the video it comes from); -1 for a video in no fold."""
+    fold_of_video = {v: f for f, fold in enumerate(folds) for v in fold}
+    return np.array([fold_of_video.get(str(v), -1) for v in video_ids], dtype=np.int64)
+
+
+def cross_validate(
+    frames: EvalFrames, folds: Sequence[Sequence[str]],
+    checkpoint_for_fold: Callable[[int], LoadedCheckpoint], settings: EvalSettings,
+    on_fold: Callable[[int, dict], None] | None = None,
+) -> dict[str, Any]:
+    """Run every fold: train on the other folds (minus a carved validation split used for model
+    selection), test on the fold. Returns ``summarise_folds`` plus ``per_class`` (from the summed
+    confusion), ``video_accuracy`` (mean over folds of the per-video majority vote), ``fold_reports``
+    and ``fold_of_frame`` (the test fold of every frame, for audit)."""
+    fold_of_frame = fold_of_frames(frames.video_ids, folds)
+    reports, video_accs = [], []
+    features_cache: dict[str, np.ndarray] = {}
+    for fold in range(len(folds)):
+        checkpoint = checkpoint_for_fold(fold)
+        check_no_test_labels(checkpoint, folds[fold], fold)
+        test_idx = np.flatnonzero(fold_of_frame == fold)
+        train_idx = np.flatnonzero((fold_of_frame != fold) & (fold_of_frame >= 0))
+        if len(test_idx) == 0:
+            raise EvaluationError(f"fold {fold}: none of its videos gave a frame")
+        fit_idx, val_idx = carve_validation(train_idx, frames.groups, frames.labels,
+                                            fraction=settings.val_fraction, seed=settings.seed)
+        if settings.mode == "linear":
+            if checkpoint.uri not in features_cache:  # one extraction per distinct checkpoint
+                torch.manual_seed(settings.seed)  # a random init is reproducible
+                backbone = backbone_from_state(checkpoint.state, settings.channels)
+                features_cache = {checkpoint.uri: extract_features(
+                    backbone.to(settings.device), frames.images, settings.image_size)}
+            feats = features_cache[checkpoint.uri]
+            pred = linear_probe(feats[fit_idx], frames.labels[fit_idx], feats[val_idx],
+                                frames.labels[val_idx], feats[test_idx], seed=settings.seed)
+        else:
+            state = checkpoint.state
+            if state is None:
+                torch.manual_seed(settings.seed)
+                state = backbone_from_state(None, settings.channels).state_dict()
+            pred = finetune_last_block(
+                state, frames.images[fit_idx], frames.labels[fit_idx], frames.images[val_idx],
+                frames.labels[val_idx], frames.images[test_idx], num_classes=len(frames.classes),
+                epochs=settings.epochs, lr=settings.lr, image_size=settings.image_size,
+                channels=settings.channels, seed=settings.seed, device=settings.device)
+        report = classification_report(frames.labels[test_idx], pred, frames.classes)
+        report["video_accuracy"] = video_level_accuracy(frames.labels[test_idx], pred,
+                                                        frames.video_ids[test_idx])
+        report["test_videos"] = len(folds[fold])
+        reports.append(report)
+        video_accs.append(report["video_accuracy"])
+        if on_fold is not None:
+            on_fold(fold, report)
+    summary = summarise_folds(reports)
+    pooled = _pooled_per_class(np.asarray(summary["confusion"]), frames.classes)
+    summary["per_class"] = pooled
+    summary["video_accuracy"] = float(np.mean(video_accs))
+    summary["video_accuracy_std"] = float(np.std(video_accs, ddof=1 if len(video_accs) > 1 else 0))
+    summary["fold_reports"] = reports
+    summary["fold_of_frame"] = fold_of_frame
+    return summary
+
+
+def _pooled_per_class(confusion: np.ndarray, classes: Sequence[str]) -> dict[str, dict]:
+    truth = np.repeat(np.arange(len(classes)), confusion.sum(axis=1))
+    pred = np.concatenate([np.repeat(np.arange(len(classes)), row) for row in confusion])
+    return classification_report(truth, pred, classes)["per_class"]

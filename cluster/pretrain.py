@@ -1,0 +1,328 @@
+"""USCL pretraining as a data-parallel Ray Train job fed by the frame stream.
+
+USCL (Chen et al., MICCAI 2021): one training item is one video; each epoch the frame stream
+(``cluster.frames``, clips mode, unseeded) samples ``frames_per_video`` fresh frames of every
+video, and each worker turns its shard's videos into sample pairs and trains with NT-Xent (whose
+negatives are gathered from every worker) plus the semi-supervised cross-entropy on the videos
+whose class label may be used. ``batch_videos`` is the global batch: each of W workers takes
+``batch_videos // W`` videos per step.
+
+Which labels may be used is decided on the driver (:func:`plan_labels`): none with
+``unlabelled`` or plain SimCLR; otherwise every labelled video except the test videos of a
+held-out fold (:class:`cluster.evaluate.HoldoutSpec`), so that the checkpoint can be evaluated on
+that fold without its test labels having leaked into pretraining. The checkpoint records the ids
+of the videos whose labels were used (``labelled_video_ids``) and ``sonoray evaluate`` refuses a
+checkpoint whose ids meet its test fold.
+
+Checkpoint state (``<out>/model.pt`` without the optimizer): ``model`` (USCLModel state dict:
+``backbone.*``, ``projection.*``, ``classifier.*``), ``config`` (USCLConfig as a dict), ``classes``,
+``labelled_video_ids``, ``holdout``, ``epoch`` (0-based, last finished), ``history`` (one dict per
+epoch: epoch, loss, images_per_s, lr, seconds, session_start, run_id).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from cluster.dataset import IngestedDataset
+from cluster.evaluate import HoldoutSpec
+from cluster.frames import StreamSpec, frame_stream
+from cluster.storage import Storage, parse_uri
+from cluster.train import (
+    RUN_NAME,
+    ScaleSpec,
+    TrainingError,
+    dataset_shard,
+    export_final,
+    fit,
+    prepare_model,
+    report_epoch,
+    restore_state,
+    run_location,
+    unwrap,
+    worker_context,
+)
+from ultrasound.uscl import (
+    USCLConfig,
+    USCLModel,
+    lr_at_epoch,
+    make_augment,
+    make_losses,
+    make_optimizer,
+    set_learning_rate,
+    train_step,
+)
+from ultrasound.video import FrameFormat, FrameSampling
+
+RUN_SPEC_FILE = "pretrain.json"
+KEEP_CHECKPOINTS = 2  # model + Adam state is ~3x the model: keep the last two epochs only
+VIEWS_PER_VIDEO = 2  # images per video per step: the two SPG views
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """The class labels pretraining may use.
+
+    ``class_of`` maps the video ids whose labels are used to class indices into ``classes``;
+    every other video (unlabelled, masked, or all of them without labels) trains with -1.
+    """
+
+    classes: tuple[str, ...]
+    class_of: Mapping[str, int] = field(default_factory=dict)
+    masked_video_ids: tuple[str, ...] = ()
+
+    @property
+    def labelled_video_ids(self) -> list[str]:
+        return sorted(self.class_of)
+
+
+def plan_labels(data: IngestedDataset, *, use_labels: bool,
+                holdout: HoldoutSpec | None = None) -> LabelPlan:
+    """Classes are the sorted labels of the manifest; with ``use_labels`` every labelled video
+    keeps its class except the test videos of ``holdout``'s fold (their labels are never used).
+    """
+    classes = tuple(data.classes)
+    masked = tuple(holdout.test_video_ids(data)) if holdout is not None else ()
+    if not use_labels:
+        return LabelPlan(classes, {}, masked)
+    index = {c: i for i, c in enumerate(classes)}
+    hidden = set(masked)
+    class_of = {str(r["video_id"]): index[r["label"]] for r in data.rows
+                if r.get("label") and str(r["video_id"]) not in hidden}
+    return LabelPlan(classes, class_of, masked)
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    history: list[dict]
+    checkpoint_uri: str
+    images_per_s: float
+    classes: list[str]
+    labelled_video_ids: list[str]
+
+    def as_json(self) -> dict:
+        """The job's --json object."""
+        return {
+            "epochs": len(self.history),
+            "loss": [round(float(h["loss"]), 6) for h in self.history],
+            "images_per_s": round(self.images_per_s, 2),
+            "checkpoint": self.checkpoint_uri,
+            "classes": self.classes,
+            "labelled_videos": len(self.labelled_video_ids),
+        }
+
+
+def steady_images_per_s(history: list[dict]) -> float:
+    """Median of the per-epoch rates (robust to the first epoch's pipeline start-up)."""
+    rates = [float(h["images_per_s"]) for h in history if h.get("images_per_s")]
+    return float(np.median(rates)) if rates else 0.0
+
+
+def read_run_spec(out_uri: str, storage: Storage | None = None) -> dict | None:
+    """What an earlier run under ``out_uri`` was started with (config, labels), or None."""
+    storage = storage or Storage()
+    location = parse_uri(out_uri).join(RUN_SPEC_FILE)
+    if not storage.exists(location):
+        return None
+    return json.loads(storage.read_bytes(location))
+
+
+def stream_spec(cfg: USCLConfig, gpu: bool) -> StreamSpec:
+    """Clips of ``frames_per_video`` frames at the model size, re-sampled every epoch."""
+    return StreamSpec(
+        sampling=FrameSampling(per_video=cfg.frames_per_video),
+        fmt=FrameFormat(channels=cfg.channels, size=cfg.image_size),
+        mode="clips", seed=None, cpus_per_task=1.0 if gpu else 0.5)
+
+
+def pretrain(
+    data: IngestedDataset, out_uri: str, cfg: USCLConfig, scale: ScaleSpec, *,
+    unlabelled: bool = False, holdout: HoldoutSpec | None = None,
+    init_state: Mapping[str, torch.Tensor] | None = None, resume: bool = False,
+    storage: Storage | None = None, loop_extras: Mapping[str, Any] | None = None,
+    datasets: Mapping[str, ray.data.Dataset] | None = None,
+) -> PretrainResult:
+    """Pretrain on every video of ``data``; returns the per-epoch history and ``<out>/model.pt``.
+
+    Args:
+        cfg: the resolved USCLConfig; ``num_classes`` is set here from the manifest's classes
+            (0 when no label is used).
+        init_state: backbone state dict to start from (``--init``); ignored when a checkpoint
+            is restored.
+        resume: continue the run under ``out_uri`` from its last checkpoint.
+        loop_extras: extra keys for the worker loop (``_crash_once_marker``, for tests).
+        datasets: replaces the frame stream (``{"train": ds}`` with columns frames, n_frames,
+            video_id); for benchmarks.
+    """
+    storage = storage or Storage()
+    if cfg.batch_videos < scale.workers:
+        raise ValueError(f"batch_videos ({cfg.batch_videos}) must be >= workers ({scale.workers})")
+    plan = plan_labels(data, use_labels=not unlabelled and cfg.semi_supervised, holdout=holdout)
+    cfg = dataclasses.replace(cfg, num_classes=len(plan.classes) if plan.class_of else 0)
+    out = parse_uri(out_uri)
+    exists = storage.exists(run_location(out_uri).join(RUN_NAME))
+    if exists and not resume:
+        raise TrainingError(f"{out.uri} already holds a training run: pass --resume to continue "
+                            f"it, or choose another --out")
+    if resume and not exists:
+        raise TrainingError(f"--resume: no run to resume under {out.uri}")
+    spec = {"config": cfg.to_dict(), "unlabelled": bool(unlabelled),
+            "holdout": holdout.as_dict() if holdout else None, "data": data.root.uri}
+    storage.check(out, create_bucket=True)
+    storage.write_bytes(out.join(RUN_SPEC_FILE), json.dumps(spec, indent=1).encode())
+    if datasets is None:
+        stream = frame_stream(data, stream_spec(cfg, scale.gpu))
+        datasets = {"train": stream.dataset.select_columns(["video_id", "frames", "n_frames"])}
+    loop_config = {
+        "uscl": cfg.to_dict(),
+        "class_of": dict(plan.class_of),
+        "classes": list(plan.classes),
+        "holdout": spec["holdout"],
+        "run_id": uuid.uuid4().hex[:12],  # tells this invocation's epochs from a resumed one's
+        "init_state": ray.put(dict(init_state)) if init_state is not None else None,
+        **dict(loop_extras or {}),
+    }
+    result = fit(pretrain_loop, loop_config, dict(datasets), out_uri, scale, resume=resume,
+                 storage=storage, keep_checkpoints=KEEP_CHECKPOINTS)
+    with result.checkpoint.as_directory() as folder:
+        final = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
+    history = list(final["history"])
+    uri = export_final(result, out_uri, history, storage=storage, exclude=("optimizer",))
+    return PretrainResult(history, uri, steady_images_per_s(history), list(final["classes"]),
+                          list(final["labelled_video_ids"]))
+
+
+# -- inside a worker ---------------------------------------------------------------------------
+def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Sum (or max) of per-worker numbers over all workers; the numbers themselves alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.cpu().tolist()
+
+
+def _maybe_crash(config: Mapping[str, Any], rank: int, world: int, epoch: int) -> None:
+    """Fault injection for tests: with ``_crash_once_marker`` set, the last rank (rank 1 with two
+    workers) dies at the start of epoch ``_crash_epoch`` (default 1) unless the marker exists.
+    It first waits a few seconds so Ray Train has registered the previous epoch's checkpoint."""
+    marker = config.get("_crash_once_marker")
+    if not marker or rank != world - 1 or epoch != int(config.get("_crash_epoch", 1)):
+        return
+    if os.path.exists(marker):
+        return
+    with open(marker, "w") as handle:
+        handle.write(f"rank {rank} died at epoch {epoch}\n")
+    time.sleep(float(config.get("_crash_delay_s", 5.0)))
+    os._exit(1)
+
+
+def pretrain_loop(config: dict) -> None:
+    """The per-worker loop: restore, then one pass over the shard per epoch, reporting each."""
+    cfg = USCLConfig.from_dict(config["uscl"])
+    ctx = worker_context(config)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = USCLModel.from_config(cfg)
+    init_state = config.get("init_state")
+    if init_state is not None:
+        model.backbone.load_state_dict(ray.get(init_state))
+    model = prepare_model(model)
+    optimizer = make_optimizer(model, cfg)
+    history: list[dict] = []
+    labelled = set(config["class_of"])
+    start = 0
+    restored = restore_state()
+    if restored is not None:
+        unwrap(model).load_state_dict(restored["model"])
+        optimizer.load_state_dict(restored["optimizer"])
+        history = [h for h in restored["history"] if h["epoch"] <= restored["epoch"]]
+        labelled |= set(restored.get("labelled_video_ids", []))  # provenance accumulates
+        start = int(restored["epoch"]) + 1
+    augment = make_augment(cfg)
+    ntxent, ce = make_losses(cfg)
+    autocast = torch.bfloat16 if ctx.device.type == "cuda" else None
+    class_of: dict[str, int] = config["class_of"]
+    local_batch = max(1, cfg.batch_videos // ctx.world_size)
+    shard = dataset_shard("train")
+    for epoch in range(start, cfg.epochs):
+        _maybe_crash(config, ctx.rank, ctx.world_size, epoch)
+        lr = lr_at_epoch(epoch, cfg)
+        set_learning_rate(optimizer, lr)
+        rng = np.random.default_rng([cfg.seed, ctx.rank, epoch])
+        loss_sum, steps, images = 0.0, 0, 0
+        began = time.perf_counter()
+        for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy",
+                                        drop_last=False):
+            n = len(batch["n_frames"])
+            if n * ctx.world_size < 2:  # NT-Xent needs a negative; shards are equal, so every
+                continue                # rank skips the same step
+            batch = {"frames": np.require(batch["frames"], requirements="W"),  # torch wants
+                     "n_frames": np.require(batch["n_frames"], requirements="W"),  # writable
+                     "class_index": np.array([class_of.get(str(v), -1) for v in batch["video_id"]],
+                                             dtype=np.int64)}
+            loss_sum += train_step(model, optimizer, batch, augment, cfg, rng, ntxent=ntxent,
+                                   ce=ce, autocast_dtype=autocast)
+            steps += 1
+            images += VIEWS_PER_VIDEO * n
+        seconds = time.perf_counter() - began
+        loss_sum, steps, images = _all_reduce([loss_sum, float(steps), float(images)], ctx.device)
+        (seconds,) = _all_reduce([seconds], ctx.device, op="max")
+        metrics = {
+            "epoch": epoch,
+            "loss": loss_sum / steps if steps else float("nan"),
+            "images_per_s": images / seconds if seconds > 0 else 0.0,
+            "lr": lr,
+        }
+        history.append({**metrics, "seconds": seconds, "session_start": start,
+                        "run_id": config["run_id"]})
+        state = {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "config": cfg.to_dict(),
+            "classes": list(config["classes"]),
+            "labelled_video_ids": sorted(labelled),
+            "holdout": config.get("holdout"),
+            "epoch": epoch,
+            "history": history,
+        }
+        report_epoch(metrics, state, ctx.rank)
+        if ctx.rank == 0:  # the worker's stderr reaches the driver's (print would log it twice)
+            sys.stderr.write(f"pretrain: epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f} "
+                             f"{metrics['images_per_s']:.1f} images/s lr {lr:.2e}\n")
+            sys.stderr.flush()
+
+
+def load_init_state(path: str, channels: int, storage: Storage | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A backbone state dict from any user file (``--init``; local path or s3://): torchvision
+    ResNet-18 keys or a sonoray checkpoint. Returns it and the parameters left at random init."""
+    import tempfile
+
+    from ultrasound.backbone import ResNet18Backbone, load_backbone_weights
+
+    location = parse_uri(path)
+    backbone = ResNet18Backbone(channels)
+    if location.is_s3:
+        storage = storage or Storage()
+        with tempfile.NamedTemporaryFile(suffix=".pt") as handle:
+            handle.write(storage.read_bytes(location))
+            handle.flush()
+            missing = load_backbone_weights(backbone, handle.name)
+    elif os.path.isfile(location.key):
+        missing = load_backbone_weights(backbone, location.key)
+    else:
+        raise FileNotFoundError(f"--init: no file at {path}")
+    return backbone.state_dict(), missing
+
