@@ -1,0 +1,185 @@
+"""Searchers and schedulers of a sweep: Optuna behind Ray Tune's ``OptunaSearch``, ASHA or none.
+
+Every searcher is an Optuna sampler, so every sweep, whatever its searcher, leaves an Optuna
+study (SQLite under --out by default, any SQLAlchemy URL by flag) that a user can open with
+``optuna-dashboard`` or ``optuna.load_study``:
+
+- ``tpe``: ``TPESampler`` (multivariate, grouped for conditional spaces, constant liar for the
+  trials that run in parallel); with two metrics, Optuna's multi-objective TPE.
+- ``random``: ``RandomSampler``.
+- ``grid``: every point of :meth:`SearchSpace.grid` enqueued in the study (conditional
+  parameters expanded only where they apply), then drawn in order.
+
+The searcher's saved state (Tune pickles it into the experiment directory, over and over) keeps
+no storage handle: a SQLAlchemy URL may carry a password. A resumed driver re-attaches the
+storage with :func:`attach_storage` before ``Tuner.restore``.
+
+Trials stopped early by ASHA are told to Optuna as PRUNED (with the values they reported per
+step), not as complete: TPE then ranks them below every full-length trial instead of mistaking a
+one-epoch score for a final one.
+"""
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import optuna
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from tuning.spec import SweepSpec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+ITERATION = "training_iteration"
+TUNE_TRIAL_ATTR = "tune_trial_id"
+
+_ATTACHED_STORAGES: dict[str, optuna.storages.BaseStorage] = {}
+
+
+def attach_storage(study_name: str, storage: optuna.storages.BaseStorage) -> None:
+    """Make ``storage`` the one a searcher of ``study_name`` uses when Tune restores it."""
+    _ATTACHED_STORAGES[study_name] = storage
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """The Optuna storage at a SQLAlchemy URL (``sqlite:///path.db``, ``postgresql://...``)."""
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    except Exception as err:  # bad URL, driver missing, server down: name the URL
+        raise ValueError(f"--storage {url!r}: cannot open the Optuna storage: {err}") from err
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    # The driver is the only writer; a generous timeout rides over a slow shared disk.
+    return {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
+
+
+def study_exists(storage: optuna.storages.BaseStorage, study_name: str) -> bool:
+    return any(s.study_name == study_name for s in storage.get_all_studies())
+
+
+def startup_trials(spec: SweepSpec, trials: int) -> int:
+    """Random trials before TPE models the space: the SPEC's value, else a third of the
+    budget between 2 and 10."""
+    if spec.searcher.startup_trials is not None:
+        return spec.searcher.startup_trials
+    return max(2, min(10, trials // 3))
+
+
+def make_sampler(spec: SweepSpec, trials: int) -> optuna.samplers.BaseSampler:
+    if spec.searcher.name == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=spec.seed,
+            n_startup_trials=startup_trials(spec, trials),
+            multivariate=True,
+            group=any(p.conditional for p in spec.space.params),
+            constant_liar=True,
+        )
+    return optuna.samplers.RandomSampler(seed=spec.seed)
+
+
+def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    return spec.space.grid(default_points=spec.searcher.grid_points)
+
+
+def make_searcher(spec: SweepSpec, trials: int, storage: optuna.storages.BaseStorage, max_steps: int) -> "SweepOptunaSearch":
+    """The Tune searcher of ``spec``: OptunaSearch over the define-by-run space."""
+    points = grid_points(spec)[:trials] if spec.searcher.name == "grid" else None
+    return SweepOptunaSearch(
+        space=spec.space.suggest,
+        metric=list(spec.metrics) if spec.multi_objective else spec.metric,
+        mode=list(spec.modes) if spec.multi_objective else spec.mode,
+        points_to_evaluate=points,
+        sampler=make_sampler(spec, trials),
+        study_name=spec.name,
+        storage=storage,
+        max_steps=max_steps,
+    )
+
+
+def make_scheduler(spec: SweepSpec, max_steps: int) -> ASHAScheduler | None:
+    """ASHA over epochs/rounds on the primary metric (rungs at grace * factor^k < max_steps)."""
+    if spec.scheduler.name == "none":
+        return None
+    return ASHAScheduler(
+        time_attr=ITERATION,
+        metric=spec.metric,
+        mode=spec.mode,
+        max_t=max_steps,
+        grace_period=min(spec.scheduler.grace_period, max_steps),
+        reduction_factor=spec.scheduler.reduction_factor,
+    )
+
+
+class SweepOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial stopped before ``max_steps`` was PRUNED, tags each
+    Optuna trial with its Tune trial id, and saves its state without the storage handle."""
+
+    def __init__(self, *args, max_steps: int, **kwargs) -> None:
+        self._max_steps = max_steps
+        super().__init__(*args, **kwargs)
+        attach_storage(self._study_name, self._storage)
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._ot_study is None:
+            raise RuntimeError(f"the Optuna storage of study {self._study_name!r} was not re-attached "
+                               f"(tuning.searchers.attach_storage) before the sweep was restored")
+        return self._ot_study
+
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None:
+            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        return params
+
+    # -- state without the storage: Tune pickles searchers into the experiment directory ----
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_storage"] = None
+        state["_ot_study"] = None
+        state["_ot_trials"] = {tid: t._trial_id for tid, t in self._ot_trials.items()}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        trial_ids = state["_ot_trials"]
+        self.__dict__.update(state)
+        self._ot_trials = {}
+        storage = _ATTACHED_STORAGES.get(self._study_name)
+        if storage is None:
+            return  # unusable until attached; ``study`` says so
+        self._storage = storage
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage,
+                                           sampler=self._sampler, pruner=optuna.pruners.NopPruner())
+        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, storage_id) for tid, storage_id in trial_ids.items()}
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__getstate__(), handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            self.__setstate__(pickle.load(handle))
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and not isinstance(self.metric, list):
+            # a trial restarted by a resume reports its first steps again: Optuna keeps the first
+            reported = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values
+            if int(result.get(ITERATION, 0)) in reported:
+                return
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped_early = (result is not None and not error
+                         and int(result.get(ITERATION, self._max_steps)) < self._max_steps)
+        if not stopped_early or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+        except Exception as err:  # e.g. told before a resume: the study already has it
+            optuna.logging.get_logger(__name__).warning(str(err))
+        self._completed_trials.add(trial_id)
