@@ -1,7 +1,9 @@
 """`sonoray demo`: the whole system on the embedded default, end to end on one machine.
 
 Stages: start the loopback S3 server, write phantom clips, ingest them, stream their frames
-through Ray Data; later stages (pretraining, evaluation, MSML, simulation, sweep) follow.
+through Ray Data, pretrain USCL and evaluate it against random init, train MSML, simulate
+labelling budgets (TSAL and baselines) and finish with a small sweep. Each stage is the job's own
+``demo_stage`` at demo size; the demo prints one table at the end.
 """
 from __future__ import annotations
 
@@ -12,16 +14,22 @@ from pathlib import Path
 
 from jobs.output import emit_json, progress
 
+STAGES = ("frames", "pretrain", "msml", "simulate", "sweep")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
         help="run every stage on synthetic clips with a local S3 server and a local Ray",
         description="Run sonoray end to end on the embedded default: a loopback S3 server, "
-        "synthetic lung-ultrasound clips, ingest, frame streaming and the training stages.",
+        "synthetic lung-ultrasound clips, ingest, frame streaming, USCL pretraining + evaluation, "
+        "MSML, a TSAL labelling-budget simulation and a small sweep.",
     )
-    p.add_argument("--out", type=Path, default=Path("sonoray-demo"), help="working folder (default: ./sonoray-demo)")
+    p.add_argument("--out", type=Path, default=Path("sonoray-demo"),
+                   help="local folder for clips and reports (default: ./sonoray-demo)")
     p.add_argument("--videos", type=int, default=24, help="phantom clips to generate (default 24)")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON summary last on stdout")
     p.set_defaults(func=run)
 
@@ -33,39 +41,71 @@ def run(args: argparse.Namespace) -> int:
     from cluster.runtime import connect
     from cluster.s3server import LocalS3Server
     from cluster.storage import Storage, StorageConfig
+    from jobs.output import UserError
     from ultrasound import phantom
     from ultrasound.manifest import parse_generic_manifest
-    from ultrasound.video import FrameFormat, FrameSampling
+    from ultrasound.video import FrameFormat
 
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise UserError(f"--stages: unknown {unknown}; valid: {', '.join(STAGES)}")
     started = time.perf_counter()
-    summary: dict = {}
+    summary: dict = {"stages": {}}
     out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work_uri = str(out / "runs" / time.strftime("%Y%m%d-%H%M%S"))
     with LocalS3Server() as server:
-        os.environ.update(server.env())  # Ray workers started below inherit the endpoint
-        progress(f"demo: S3-compatible server on {server.endpoint_url}")
+        os.environ.update(server.env())  # the local Ray started below passes it to its workers
+        progress(f"demo: S3-compatible server on {server.endpoint_url} (loopback only)")
         storage = Storage(StorageConfig.from_env())
         data_uri = "s3://sonoray-demo/phantom"
 
         clips_dir = out / "phantom"
-        manifest_csv = phantom.make_dataset(clips_dir, args.videos, seed=0)
+        manifest_csv = phantom.make_dataset(clips_dir, args.videos, seed=0, n_frames=32, size=96)
         progress(f"demo: {args.videos} phantom clips in {clips_dir}")
-
-        records, skipped, findings = parse_generic_manifest(
-            manifest_csv, clips_dir, findings=list(phantom.FINDINGS)
-        )
-        result = ingest_videos(records, skipped, clips_dir, data_uri, findings, storage=storage,
-                               on_progress=progress)
+        records, skipped, findings = parse_generic_manifest(manifest_csv, clips_dir, findings=list(phantom.FINDINGS))
+        result = ingest_videos(records, skipped, clips_dir, data_uri, findings, storage=storage, on_progress=progress)
         summary["ingest"] = result.as_dict()
-        progress(f"demo: ingested {result.ingested} videos to {data_uri}")
-
         progress(connect())
-        data = load_dataset(data_uri, storage)
-        stream = frame_stream(data, StreamSpec(fmt=FrameFormat(channels=1, size=64)))
-        frames = drain(stream)
-        summary["frames"] = frames.as_dict()
-        progress(f"demo: streamed {frames.frames} frames from {frames.videos} videos "
-                 f"at {frames.frames_per_s:.0f} frames/s")
 
+        def stage(name: str, fn) -> None:
+            if name not in stages:
+                return
+            t0 = time.perf_counter()
+            progress(f"demo: stage {name} ...")
+            summary["stages"][name] = {**fn(), "seconds": round(time.perf_counter() - t0, 1)}
+            progress(f"demo: stage {name} done in {summary['stages'][name]['seconds']} s")
+
+        def frames_stage() -> dict:
+            stream = frame_stream(load_dataset(data_uri, storage), StreamSpec(fmt=FrameFormat(channels=1, size=64)))
+            return drain(stream).as_dict()
+
+        def pretrain_stage() -> dict:
+            from jobs.pretrain import demo_stage
+
+            return demo_stage(data_uri, work_uri)
+
+        def msml_stage() -> dict:
+            from jobs.msml import demo_stage
+
+            return demo_stage(data_uri, work_uri, storage=storage)
+
+        def simulate_stage() -> dict:
+            from jobs.simulate import demo_stage
+
+            return demo_stage(data_uri, work_uri)
+
+        def sweep_stage() -> dict:
+            from jobs.sweep import demo_stage
+
+            return demo_stage(data_uri, work_uri, storage=storage)
+
+        for name, fn in (("frames", frames_stage), ("pretrain", pretrain_stage), ("msml", msml_stage),
+                         ("simulate", simulate_stage), ("sweep", sweep_stage)):
+            stage(name, fn)
+
+    summary["work_dir"] = work_uri
     summary["seconds"] = round(time.perf_counter() - started, 1)
     print_table(summary)
     if args.json:
@@ -73,9 +113,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def print_table(summary: dict) -> None:
-    print("sonoray demo")
-    print(f"  ingest : {summary['ingest']['ingested']} videos, {summary['ingest']['uploaded']} uploaded")
-    f = summary["frames"]
-    print(f"  frames : {f['frames']} frames from {f['videos']} videos, {f['frames_per_s']} frames/s")
-    print(f"  total  : {summary['seconds']} s")
+    s = summary["stages"]
+    print("\nsonoray demo: results on the embedded default (phantom clips)")
+    print(f"  ingest    {summary['ingest']['ingested']} videos, {summary['ingest']['uploaded']} uploaded")
+    if "frames" in s:
+        f = s["frames"]
+        print(f"  frames    {f['frames']} frames from {f['videos']} videos, {f['frames_per_s']} frames/s")
+    if "pretrain" in s:
+        p = s["pretrain"]
+        pre = p["pretrain"]
+        print(f"  pretrain  USCL {pre['epochs']} epochs, loss {pre['loss_first']} -> {pre['loss_last']}, "
+              f"{pre['images_per_s']} images/s")
+        print("  evaluate  linear probe        accuracy          macro-F1")
+        for name in ("random", "uscl"):
+            r = p[name]
+            print(f"            {name:<18} {r['accuracy']:.3f} +- {r['accuracy_std']:.3f}   "
+                  f"{r['macro_f1']:.3f} +- {r['macro_f1_std']:.3f}")
+    if "msml" in s:
+        m = s["msml"]
+        loss = m.get("loss") or []
+        print(f"  msml      {m.get('epochs')} epochs, loss {_fmt(loss[0]) if loss else '?'} -> "
+              f"{_fmt(loss[-1]) if loss else '?'}, mAP {_fmt(m.get('map'))}, macro-F1 {_fmt(m.get('macro_f1'))}")
+    if "simulate" in s:
+        sim = s["simulate"]
+        print(f"  simulate  {sim.get('experiments')} experiments, {sim.get('rounds')} rounds; report {sim.get('report')}")
+        for name, row in (sim.get("strategies") or {}).items():
+            print(f"            {name:<14} AULC {_fmt(row.get('aulc'))}  final mAP {_fmt(row.get('final_map'))}")
+    if "sweep" in s:
+        sw = s["sweep"]
+        print(f"  sweep     {sw.get('completed')}/{sw.get('trials')} trials, best {_fmt(sw.get('best_metric'))} "
+              f"with {sw.get('best_config')}")
+    print(f"  total     {summary['seconds']} s; outputs under {summary['work_dir']}")
