@@ -257,6 +257,36 @@ class FrameEmbedder:
         return out
 
 
+def principal_components(features: np.ndarray, dims: int) -> np.ndarray:
+    """Project embeddings on their top ``dims`` principal components (unsupervised: all rows,
+    no labels, as pool-based active learning may use the unlabelled pool).
+
+    Deterministic, so a resumed run projects bit for bit the same: the ``D x D`` covariance is
+    decomposed with ``eigh`` in float64 on one BLAS thread, and each component's sign is fixed
+    so that its largest loading is positive.
+
+    Shape: ``(N, D)`` -> ``(N, dims)`` float32, centred.
+
+    Example:
+        >>> x = np.array([[0.0, 0.0], [2.0, 0.0], [4.0, 0.0]])
+        >>> principal_components(x, 1)[:, 0].tolist()
+        [-2.0, 0.0, 2.0]
+    """
+    from threadpoolctl import threadpool_limits
+
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"features must be (N, D) with N >= 2, got shape {x.shape}")
+    if not 1 <= dims <= x.shape[1]:
+        raise ValueError(f"dims must be in [1, {x.shape[1]}], got {dims}")
+    centred = x - x.mean(axis=0)
+    with threadpool_limits(limits=1, user_api="blas"):
+        values, vectors = np.linalg.eigh(centred.T @ centred / (x.shape[0] - 1))
+        top = vectors[:, np.argsort(values, kind="stable")[::-1][:dims]]
+        top = top * np.sign(top[np.abs(top).argmax(axis=0), np.arange(dims)])
+        return (centred @ top).astype(np.float32)
+
+
 def table_bytes(table: SampleTable) -> bytes:
     """Serialise to an ``.npz`` (no pickles: strings are stored as fixed-width unicode)."""
     meta = {"key": table.key, "findings": list(table.findings), "kind": table.kind,

@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import time
@@ -47,13 +46,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from cluster.embeddings import SampleTable
-from cluster.oracle import Oracle, OracleBook, OracleClient, OracleError
-from cluster.storage import Location, Storage, StorageConfig, parse_uri
+from cluster.embeddings import SampleTable, principal_components
+from cluster.oracle import Oracle, OracleBook, OracleClient
+from cluster.storage import Location, Storage, parse_uri
 from ultrasound.active import (
     ALState,
     ConfidenceConfig,
-    RoundPlan,  # noqa: F401 - re-exported for callers inspecting plans
+    RoundPlan,
     StrategyContext,
     apply_answers,
     make_strategy,
@@ -115,6 +114,8 @@ class SimulationConfig:
         machine_weight: training weight of an unaudited machine label (human labels weigh 1).
         correlation_weight, smallest: MLM's correlation adjustment and number of margins averaged.
         adaptive_beta: Adaptive's trade-off between max-margin and cardinality inconsistency.
+        embedding_dims: project the embeddings on their top principal components first
+            (unsupervised, all frames; ``None``: use them as they are). Embeddings mode only.
         head_l2, head_pos_weight, head_max_iter: the embeddings-mode head (``train_head``).
         finetune_epochs, finetune_batch_size, finetune_lr: the finetune-mode MSML training.
     """
@@ -140,6 +141,7 @@ class SimulationConfig:
     correlation_weight: float = 0.5
     smallest: int = 2
     adaptive_beta: float = 0.5
+    embedding_dims: int | None = None
     head_l2: float = 1e-3
     head_pos_weight: str = "auto"
     head_max_iter: int = 100
@@ -173,6 +175,8 @@ class SimulationConfig:
             (self.finetune_epochs >= 1 and self.finetune_batch_size >= 2 and self.finetune_lr > 0,
              "finetune_epochs >= 1, finetune_batch_size >= 2 and finetune_lr > 0 are required"),
             (self.labels is None or len(self.labels) > 0, "labels must name at least one finding"),
+            (self.embedding_dims is None or self.embedding_dims >= 1,
+             f"embedding_dims must be >= 1 or None, got {self.embedding_dims}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -219,11 +223,17 @@ class SimulationConfig:
     def experiment_settings(self, strategy: str) -> dict[str, Any]:
         """The fields that decide an experiment's results (the experiment id hashes them)."""
         names = _COMMON_FIELDS + _MODEL_FIELDS[self.mode] + _STRATEGY_FIELDS.get(strategy, ())
-        return {"strategy": strategy, **{name: getattr(self, name) for name in names}}
+        return {"strategy": strategy, **{name: getattr(self, name) for name in names}, **self._projection()}
 
     def reference_settings(self) -> dict[str, Any]:
         names = ("mode", "test_fraction") + _MODEL_FIELDS[self.mode]
-        return {name: getattr(self, name) for name in names}
+        return {**{name: getattr(self, name) for name in names}, **self._projection()}
+
+    def _projection(self) -> dict[str, Any]:
+        # only when set, so the ids of runs without a projection stay what they were
+        if self.mode == "embeddings" and self.embedding_dims is not None:
+            return {"embedding_dims": self.embedding_dims}
+        return {}
 
 
 @dataclass(frozen=True)
@@ -304,8 +314,10 @@ class HeadModel:
 
     def fit(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray):
         c = self.config
+        # blas_threads=None: the caller (run_experiment / run_reference) already holds BLAS at
+        # one thread; entering threadpoolctl again costs more than a small fit
         return train_head(self.features[idx], labels, weights, l2=c.head_l2, max_iter=c.head_max_iter,
-                          pos_weight=None if c.head_pos_weight == "none" else "auto")
+                          pos_weight=None if c.head_pos_weight == "none" else "auto", blas_threads=None)
 
     def predict(self, fitted, idx: np.ndarray) -> np.ndarray:
         if idx.size == 0:
@@ -595,11 +607,19 @@ def _answers_of(state: ALState, global_index: Mapping[int, int]) -> list[dict]:
 
 
 # -- the full-data reference -------------------------------------------------------------------------
-def run_reference(reference_id: str, seed: int, config: SimulationConfig, features: np.ndarray, split: Split,
-                  train_labels: np.ndarray, findings: tuple[str, ...], storage: Storage, out: Location,
-                  init_backbone: bytes | None = None) -> dict:
-    """The same model trained on every training label of the split; written to
-    ``<out>/reference/<reference_id>.parquet``."""
+def run_reference(*args: Any, **kwargs: Any) -> dict:
+    """The same model trained on every training label of the split, BLAS on one thread; see
+    :func:`_run_reference`."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _run_reference(*args, **kwargs)
+
+
+def _run_reference(reference_id: str, seed: int, config: SimulationConfig, features: np.ndarray, split: Split,
+                   train_labels: np.ndarray, findings: tuple[str, ...], storage: Storage, out: Location,
+                   init_backbone: bytes | None = None) -> dict:
+    """Fit on every training label of the split; written to ``<out>/reference/<reference_id>.parquet``."""
     model = make_model(config, features, seed, findings, init_backbone)
     started = time.perf_counter()
     fitted = model.fit(split.train, train_labels, np.ones(split.train.size, np.float32))
@@ -733,6 +753,8 @@ def simulate_table(
         raise ValueError("finetune mode needs a table of frames (SampleSpec(kind='images'))")
     table = table.select_findings(list(config.labels)) if config.labels else table
     started = time.perf_counter()
+    if config.mode == "embeddings" and config.embedding_dims is not None:
+        table = dataclasses.replace(table, features=principal_components(table.features, config.embedding_dims))
     out = parse_uri(out_uri)
     storage.check(out, create_bucket=True)
     specs = plan_experiments(table, config)

@@ -22,7 +22,7 @@ CONFIG_FLAGS = {
     "seeds": "seeds", "mode": "mode", "labels": "labels", "noise": "noise", "cost_unit": "cost_unit",
     "confidence": "confidence", "audit": "audit", "audit_cost": "audit_cost",
     "correlation_weight": "correlation_weight", "machine_weight": "machine_weight",
-    "test_fraction": "test_fraction",
+    "test_fraction": "test_fraction", "embedding_dims": "embedding_dims",
 }
 
 
@@ -57,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--correlation-weight", type=float, default=None, help="MLM label-correlation weight (0.5)")
     p.add_argument("--machine-weight", type=float, default=None, help="training weight of machine labels (0.5)")
     p.add_argument("--test-fraction", type=float, default=None, help="held-out share of patients (0.25)")
+    p.add_argument("--embedding-dims", type=int, default=None,
+                   help="project embeddings on their top K principal components (default: no projection)")
     sampling = p.add_argument_group("frames and embeddings")
     sampling.add_argument("--fps", type=float, default=3.0, help="frames kept per second (default 3; 0 = all)")
     sampling.add_argument("--max-per-video", type=int, default=30, help="frames per video at most (30; 0 = no cap)")

@@ -2,11 +2,9 @@
 
 Tiny sizes: 8 phantom clips, 12 frames each at 32 px, 2-3 strategies x 2 seeds x 3 rounds.
 """
-import io
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -196,7 +194,6 @@ def test_config_file_then_flags(tmp_path):
 def test_embeddings_are_the_trunk_features_of_the_streamed_frames(ray_cluster, phantom_uri, storage, tmp_path):
     """A USCL-style checkpoint (``{"model": {"backbone.*": ...}}``) is loaded by the embedding
     actors: their output equals the same trunk applied here to the same (sorted) frames."""
-    backbone = ResNet18Backbone(in_channels=1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)
         backbone = ResNet18Backbone(in_channels=1)
@@ -238,3 +235,19 @@ def test_finetune_mode_retrains_msml_each_round(ray_cluster, phantom_uri, storag
     assert metas[1]["labelled"] == metas[0]["labelled"] + metas[0]["budget_per_round"]
     refs = [v for k, v in rows.items() if k[0] == "reference"]
     assert len(refs) == 1 and np.isfinite(refs[0]["map"])
+
+
+def test_principal_components_match_the_svd_and_repeat_exactly():
+    from cluster.embeddings import principal_components
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(200, 3)) @ rng.normal(size=(3, 16)) + 0.01 * rng.normal(size=(200, 16))).astype(np.float32)
+    got = principal_components(x, 3)
+    centred = x.astype(np.float64) - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    expected = centred @ vt[:3].T
+    assert np.allclose(np.abs(got), np.abs(expected), atol=1e-4)  # the same axes, up to sign
+    assert np.array_equal(principal_components(x, 3), got)
+    # the projection is part of an experiment's id only when it is used
+    assert "embedding_dims" not in SimulationConfig().experiment_settings("random")
+    assert SimulationConfig(embedding_dims=8).experiment_settings("random")["embedding_dims"] == 8
