@@ -21,6 +21,7 @@ JOB_MODULES = [
     "jobs.pretrain",
     "jobs.evaluate",
     "jobs.submit",
+    "jobs.msml",
     "jobs.sweep",
 ]
 
