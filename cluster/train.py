@@ -98,6 +98,7 @@ def fit(
             storage_filesystem=storage.filesystem(runs),
             failure_config=FailureConfig(max_failures=scale.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=tune_report_callbacks(),
         ),
         datasets=datasets,
     )
@@ -108,6 +109,17 @@ def fit(
     if result.error:
         raise TrainingError(f"training run under {out.uri} failed: {result.error}")
     return result
+
+
+def tune_report_callbacks() -> list:
+    """Inside a Ray Tune trial (``sonoray sweep``), forward every epoch's report to Tune, so its
+    scheduler (ASHA) can stop a bad trial early; outside Tune, nothing."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    try:
+        return [TuneReportCallback()]
+    except RuntimeError:  # "must be used in a Tune session": a plain training run
+        return []
 
 
 def export_final(result: ray.train.Result, out_uri: str, history: list[dict], storage: Storage | None = None,

@@ -3,8 +3,8 @@
 The framework (spec, space, searchers, driver, results) only talks to :class:`JobAdapter`; each
 adapter turns a trial's config into a call of its job's public functions and forwards the
 job's per-epoch / per-round metrics to a ``report`` callback, which is what lets ASHA stop bad
-trials early. Adapters live in their own modules (``tuning/adapter_*.py``) and are looked up by
-job name in :data:`ADAPTERS`, imported lazily so that parsing a SPEC does not import torch.
+trials early. Adapters live in their own modules and are looked up by
+job name in :data:`ADAPTERS`, imported lazily (tuning/job_train.py, tuning/job_simulate.py).
 
 A trial's config is flat: ``{"lr": 3e-4, "confidence.threshold": 0.9}``; dotted names reach
 nested keys of the job's YAML config (:func:`nest`).
@@ -157,5 +157,8 @@ class _LazyAdapters(Mapping):
 
 
 ADAPTERS: Mapping[str, JobAdapter] = _LazyAdapters({
+    "pretrain": "tuning.job_train:PretrainJob",
+    "evaluate-after-pretrain": "tuning.job_train:EvaluateAfterPretrainJob",
+    "msml": "tuning.job_train:MSMLJob",
     "simulate": "tuning.job_simulate:SimulateJob",
 })

@@ -196,3 +196,29 @@ def test_ready_made_specs_parse_with_their_data():
     for path in specs:
         spec = load_sweep_spec(path, data="s3://bucket/data")
         assert spec.fixed["data"] == "s3://bucket/data"
+
+
+@pytest.mark.timeout(900)
+def test_grid_two_metrics_sweep_of_a_known_objective(ray_cluster, tmp_path):
+    """Grid searcher through Tune, two metrics (Optuna multi-objective), Pareto front by hand."""
+    from tests.tuning.toy_job import ToyJob, toy_score
+    from tuning.spec import parse_spec
+    from tuning.sweep import run_sweep
+
+    toy = ToyJob()
+    spec = parse_spec({"job": "toy", "name": "grid-mo", "fixed": {"steps": 2},
+                       "space": {"x": {"uniform": [0.0, 0.6], "grid": 3}, "kind": {"choice": ["a", "b"]}},
+                       "metric": ["score", "cost"], "searcher": "grid", "trials": 10}, adapters={"toy": toy})
+    summary = run_sweep(spec, str(tmp_path / "out"), adapter=toy).summary
+    assert summary["trials"] == 6 and summary["completed"] == 6  # the grid has 6 points, fewer than 10
+    table = pd.read_parquet(summary["results"])
+    assert sorted(zip(table["param.x"], table["param.kind"])) == sorted(
+        (x, k) for x in (0.0, 0.3, 0.6) for k in ("a", "b"))
+    for _, row in table.iterrows():
+        assert row["score"] == pytest.approx(toy_score(row["param.x"], row["param.kind"], 2))
+    # by hand: kind b only loses 0.1; cost = x; score peaks at x = 0.3
+    # (x, kind) -> (score, cost): (0, a) (-0.07, 0) (0.3, a) (0.02, 0.3) (0.6, a) (-0.07, 0.6) ...
+    assert summary["best_config"] == {"x": 0.3, "kind": "a"}
+    assert sorted((p["params"]["x"], p["params"]["kind"]) for p in summary["pareto"]) == [(0.0, "a"), (0.3, "a")]
+    study = optuna.load_study(study_name="grid-mo", storage=f"sqlite:///{tmp_path / 'out' / 'optuna.db'}")
+    assert len(study.directions) == 2 and len(study.trials) == 6
