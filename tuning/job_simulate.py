@@ -164,8 +164,7 @@ class SimulateJob(JobAdapter):
         settings = self.settings(config)
         cache = parse_uri(config["_cache"]) if config.get("_cache") else parse_uri(out_uri).join("cache")
         table, _ = load_samples(load_dataset(config["data"], storage), self.sample_spec(config), cache, storage)
-        if settings.labels:
-            table = table.select_findings(list(settings.labels))
+        table = self.trial_table(table, settings)
         out = parse_uri(out_uri)
         experiments = plan_experiments(table, settings)
         splits = make_splits(table, settings)
@@ -192,6 +191,18 @@ class SimulateJob(JobAdapter):
         for metrics in curves.ready_reports(final=True):  # a cap hit before the budget: report what is there
             report(metrics)
         return TrialOutcome(metrics, out.uri)
+
+    @staticmethod
+    def trial_table(table, settings):
+        """What :func:`cluster.simulate.simulate_table` does to the table before its experiments:
+        keep the chosen findings, project the embeddings on their top components."""
+        from cluster.embeddings import principal_components
+
+        if settings.labels:
+            table = table.select_findings(list(settings.labels))
+        if settings.mode == "embeddings" and settings.embedding_dims is not None:
+            table = dataclasses.replace(table, features=principal_components(table.features, settings.embedding_dims))
+        return table
 
     @staticmethod
     def rounds_to_budget(settings, budget: float) -> int:
