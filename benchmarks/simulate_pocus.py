@@ -19,7 +19,8 @@ The machine's load average is recorded before each timed step: on a shared machi
 only mean something when it is near the CPU count.
 
 Usage: python benchmarks/simulate_pocus.py [--pocus DIR] [--work DIR] [--init CKPT] [--skip-scale]
-Writes benchmarks/results/simulate_pocus.json and simulate_pocus_curves.png, prints the JSON.
+Writes benchmarks/results/simulate_pocus.json (merged with the steps of earlier runs that this one
+skipped) and the curves PNGs, prints the JSON.
 """
 from __future__ import annotations
 
@@ -190,8 +191,15 @@ def main() -> None:
         note(f"scale: {report['scale']}")
 
     report["machine"]["load_average_end"] = load_average()
-    (RESULTS / "simulate_pocus.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(json.dumps(report, indent=2, default=str))
+    target = RESULTS / "simulate_pocus.json"
+    merged = json.loads(target.read_text()) if target.exists() else {}
+    for key, value in report.items():  # steps skipped this time keep their earlier results
+        if key == "quality" and isinstance(merged.get(key), dict) and "targets" not in merged[key]:
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    target.write_text(json.dumps(merged, indent=2, default=str) + "\n")
+    print(json.dumps(merged, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ Every experiment ("asker") talks to the oracle only through:
 - ``audit(asker, round, indices)``: the oracle checks machine labels of those samples (it
   answers with its labels, the caller compares), at ``audit_cost`` per sample;
 - ``grade(asker, indices, labels)``: how many proposed label vectors are right, as counts only
-  (the simulator's measure of machine-label precision; it never returns labels).
+  (the simulator's measure of machine-label precision; it never returns labels);
+- ``answer_round(...)``: the three above for one planned round in a single call. On a busy
+  machine every synchronous call waits for the actor's process to be scheduled, so one round
+  trip per round instead of three matters.
 
 No method returns the truth wholesale: labels leave the actor only as answers to a query or an
 audit of given indices inside the asker's pool, and each answer is logged (asker, round, kind,
@@ -156,6 +159,20 @@ class OracleBook:
         equal = labels.astype(np.uint8) == self._truth[idx]
         return {"n": int(idx.size), "vectors_correct": int(equal.all(axis=1).sum()),
                 "labels_correct": int(equal.sum()), "labels_total": int(equal.size)}
+
+    def answer_round(self, asker: str, round: int, queries: Iterable[int] | np.ndarray,
+                     audits: Iterable[int] | np.ndarray, proposed: Iterable[int] | np.ndarray,
+                     proposed_labels: np.ndarray) -> dict:
+        """One round's :meth:`query`, :meth:`audit` and :meth:`grade` in one call (one round trip
+        to the actor instead of three): ``{"labels", "costs", "audit_labels", "audit_costs",
+        "grade"}``. All three are known once the round is planned."""
+        labels, costs = self.query(asker, round, queries)
+        audits = np.asarray(audits, dtype=np.int64).ravel()
+        audit_labels, audit_costs = self.audit(asker, round, audits) if audits.size else (None, None)
+        proposed = np.asarray(proposed, dtype=np.int64).ravel()
+        grade = self.grade(asker, proposed, proposed_labels) if proposed.size else None
+        return {"labels": labels, "costs": costs, "audit_labels": audit_labels, "audit_costs": audit_costs,
+                "grade": grade}
 
     # -- recovery ---------------------------------------------------------------------------
     def restore(self, asker: str, answers: Iterable[Mapping]) -> None:

@@ -505,14 +505,16 @@ def _run_experiment(
     totals = {"machine_vectors_correct": 0, "machine_labels_correct": 0, "machine_labels_total": 0} if meta is None \
         else {k: int(meta[k]) for k in ("machine_vectors_correct", "machine_labels_correct", "machine_labels_total")}
 
-    def fit_and_write(r: int, state: ALState, started: float, plan: RoundPlan | None) -> dict:
+    def fit_and_write(r: int, state: ALState, started: float, plan: RoundPlan | None,
+                      grade: dict | None = None) -> dict:
         nonlocal fitted, totals
         if plan is not None and plan.machine_indices.size:
-            new_machine = [i for i in plan.machine_indices if i in state and state.record(i).source == "machine"
-                           and state.record(i).round == r]
-            if new_machine:
-                proposals = np.array([state.record(i).machine_labels for i in new_machine], dtype=np.uint8)
-                grade = oracle.grade(asker, pool[np.asarray(new_machine)], proposals)
+            kept = [i for i in plan.machine_indices if i in state and state.record(i).source == "machine"
+                    and state.record(i).round == r]
+            if kept and len(kept) != plan.machine_indices.size:  # the audit gate dropped some: regrade
+                proposals = np.array([state.record(i).machine_labels for i in kept], dtype=np.uint8)
+                grade = oracle.grade(asker, pool[np.asarray(kept)], proposals)
+            if kept and grade is not None:
                 totals = {"machine_vectors_correct": totals["machine_vectors_correct"] + grade["vectors_correct"],
                           "machine_labels_correct": totals["machine_labels_correct"] + grade["labels_correct"],
                           "machine_labels_total": totals["machine_labels_total"] + grade["labels_total"]}
@@ -567,13 +569,17 @@ def _run_experiment(
             plan = tsal_round(probs, unlabelled, state, k_round, strategy, context, confidence, audit_fraction, rng)
             if plan.round != r:
                 raise RuntimeError(f"{asker}: round {r} planned as round {plan.round} (a round without records?)")
-            answers, query_costs = oracle.query(asker, r, pool[plan.queries])
-            audit_labels, audit_costs = (oracle.audit(asker, r, pool[plan.audits]) if plan.audits.size
-                                         else (None, 1.0))
-            state = apply_answers(state, plan, answers, audit_labels, query_costs=query_costs,
-                                  audit_costs=audit_costs, audit_gate=config.audit_gate)
-        # else: the whole pool is labelled; the round is still evaluated and written (no records)
-        meta = fit_and_write(r, state, started, plan)
+            # one round trip: the queries, the audits, and the grading of the machine proposals
+            answer = oracle.answer_round(asker, r, pool[plan.queries], pool[plan.audits],
+                                         pool[plan.machine_indices], plan.machine_labels)
+            state = apply_answers(state, plan, answer["labels"], answer["audit_labels"],
+                                  query_costs=answer["costs"],
+                                  audit_costs=answer["audit_costs"] if plan.audits.size else 1.0,
+                                  audit_gate=config.audit_gate)
+            grade = answer["grade"]
+        else:  # the whole pool is labelled; the round is still evaluated and written (no records)
+            grade = None
+        meta = fit_and_write(r, state, started, plan, grade)
         computed += 1
 
     log = oracle.log(asker)

@@ -6,7 +6,7 @@ from cluster.oracle import Oracle, OracleBook, OracleClient, OracleError, Unknow
 
 TRUTH = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 1, 1], [1, 1, 1], [0, 0, 0]], dtype=np.uint8)
 VIDEOS = np.array(["a", "a", "a", "b", "b", "c"])
-PUBLIC = {"askers", "audit", "costs", "grade", "log", "num_labels", "num_samples", "query",
+PUBLIC = {"answer_round", "askers", "audit", "costs", "grade", "log", "num_labels", "num_samples", "query",
           "register", "restore"}
 
 
@@ -41,6 +41,14 @@ def test_actor_answers_only_the_queried_samples_and_counts_video_costs(ray_clust
     grade = oracle.grade("exp", [0, 2], np.array([[1, 0, 0], [1, 0, 1]]))
     assert grade == {"n": 2, "vectors_correct": 1, "labels_correct": 5, "labels_total": 6}
     assert oracle.log("exp")["index"].size == 6  # grading reveals and logs nothing
+
+    # one planned round in one call: the same answers, costs and grade as the three calls
+    oracle.register("exp", [0, 1, 2, 3, 4])
+    answer = oracle.answer_round("exp", 0, [1, 3], [4], [0, 2], np.array([[1, 0, 0], [1, 0, 1]]))
+    assert answer["labels"].tolist() == TRUTH[[1, 3]].tolist() and answer["costs"].tolist() == [1.0, 1.0]
+    assert answer["audit_labels"].tolist() == TRUTH[[4]].tolist() and answer["audit_costs"].tolist() == [0.25]
+    assert answer["grade"] == grade
+    assert oracle.log("exp")["index"].tolist() == [1, 3, 4]
 
 
 def test_frame_costs_add_up_per_asker():
