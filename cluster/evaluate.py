@@ -152,7 +152,7 @@ class EvalFrames:
 def load_eval_frames(data: IngestedDataset, rows: Sequence[Mapping[str, Any]],
                      classes: Sequence[str], *, image_size: int, channels: int,
                      fps: float = POCUS_FPS, max_per_video: int | None = POCUS_MAX_PER_VIDEO,
-                     cpus_per_task: float = 1.0) -> EvalFrames:
+                     cpus_per_task: float = StreamSpec.cpus_per_task) -> EvalFrames:
     """Stream the frames of ``rows`` (``fps`` per second, at most ``max_per_video``) resized to
     ``image_size`` through Ray Data, and collect them on the driver, sorted by video and frame."""
     subset = data.select([r["video_id"] for r in rows])

@@ -144,7 +144,9 @@ def stream_spec(cfg: USCLConfig, gpu: bool) -> StreamSpec:
     return StreamSpec(
         sampling=FrameSampling(per_video=cfg.frames_per_video),
         fmt=FrameFormat(channels=cfg.channels, size=cfg.image_size),
-        mode="clips", seed=None, cpus_per_task=1.0 if gpu else 0.5)
+        mode="clips", seed=None,
+        # on CPU-only machines training shares the CPUs: two decodes per CPU left to Ray Data
+        cpus_per_task=StreamSpec.cpus_per_task if gpu else 0.5)
 
 
 def pretrain(

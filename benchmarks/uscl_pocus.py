@@ -1,0 +1,189 @@
+"""Does pretraining help? POCUS 3-class (covid / pneumonia / regular, convex probe), K-fold
+cross-validation by patient, linear probe and last-block fine-tuning, for three backbones:
+
+  random  - random init, no pretraining;
+  simclr  - plain SimCLR (`sonoray pretrain --simclr`: no mixup, no cross-entropy), one run on
+            every POCUS video without labels, valid for every fold;
+  uscl    - USCL (`sonoray pretrain --holdout-fold I`), one run per fold, each using the class
+            labels of every video except the test videos of its fold.
+
+Everything goes through the project's jobs: the videos are ingested into a loopback S3 server,
+pretraining runs on Ray Train fed by the frame stream, evaluation is `sonoray evaluate`'s code
+(frames at 3 per second, at most 30 per video; model selection on a validation split of the
+training folds). Prints a markdown table of mean +- std over folds, then one JSON object.
+
+CPU size (default; about 40 minutes on 2 CPUs): --image-size 64 --channels 1 --epochs 20.
+Paper scale (GPU):  python benchmarks/uscl_pocus.py --gpu --image-size 224 --epochs 300
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CLASSES = ["covid", "pneumonia", "regular"]
+PROBE = "convex"
+DATA_URI = "s3://bench/pocus"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pocus", type=Path, default=REPO.parent / "shared" / "data" / "pocus")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=1)
+    parser.add_argument("--epochs", type=int, default=20, help="pretraining epochs")
+    parser.add_argument("--warmup-epochs", type=int, default=None,
+                        help="constant-lr epochs before the cosine decay (default: 10, or "
+                        "epochs // 30 when epochs < 300, keeping the authors' 10-of-300 shape)")
+    parser.add_argument("--batch-videos", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--cpus-per-worker", type=float, default=None,
+                        help="CPU share of each training worker (default: leave one CPU to Ray Data)")
+    parser.add_argument("--gpu", action="store_true", help="pretrain and evaluate on GPUs")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--finetune-epochs", type=int, default=20)
+    parser.add_argument("--methods", default="random,simclr,uscl")
+    parser.add_argument("--modes", default="linear,finetune")
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
+    args = parser.parse_args()
+
+    import torch
+
+    from cluster.dataset import load_dataset
+    from cluster.evaluate import HoldoutSpec, evaluation_rows, load_eval_frames
+    from cluster.ingest import ingest_videos
+    from cluster.pretrain import pretrain
+    from cluster.runtime import connect
+    from cluster.s3server import LocalS3Server
+    from cluster.storage import Storage, StorageConfig
+    from cluster.train import ScaleSpec
+    from jobs.evaluate import evaluate_summary
+    from ultrasound.manifest import parse_pocus
+    from ultrasound.uscl import USCLConfig
+
+    methods = [m for m in args.methods.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m]
+    warmup = args.warmup_epochs if args.warmup_epochs is not None else \
+        (10 if args.epochs >= 300 else args.epochs // 30)
+    cfg = USCLConfig(epochs=args.epochs, batch_videos=args.batch_videos, image_size=args.image_size,
+                     channels=args.channels, lr=args.lr, warmup_epochs=warmup)
+    scale = ScaleSpec(workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker)
+    device = "cuda" if args.gpu else "cpu"
+    work = args.out or Path(tempfile.mkdtemp(prefix="uscl-pocus-"))
+    work = work / time.strftime("%Y%m%d-%H%M%S")
+    log = lambda message: print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,
+                                flush=True)  # noqa: E731
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    with LocalS3Server() as server:
+        os.environ.update(server.env())
+        storage = Storage(StorageConfig.from_env())
+        records, skipped, findings = parse_pocus(args.pocus)
+        ingest_videos(records, skipped, args.pocus, DATA_URI, findings, source_format="pocus",
+                      storage=storage)
+        log(connect(num_cpus=os.cpu_count()))
+        data = load_dataset(DATA_URI, storage)
+        rows, classes = evaluation_rows(data, CLASSES, PROBE)
+        log(f"{len(data.rows)} POCUS videos ingested; {len(rows)} {PROBE} videos of {classes} "
+            f"evaluated with {args.folds} folds; pretraining on all {len(data.rows)}")
+
+        checkpoints = {"random": "random"}
+        pretrain_runs: dict[str, list[dict]] = {}
+        if "simclr" in methods:
+            t = time.perf_counter()
+            result = pretrain(data, str(work / "simclr"), cfg.plain_simclr(), scale,
+                              unlabelled=True, storage=storage)
+            checkpoints["simclr"] = result.checkpoint_uri
+            pretrain_runs["simclr"] = [_run_summary(result)]
+            timings["pretrain_simclr_s"] = time.perf_counter() - t
+            log(f"simclr pretrained in {timings['pretrain_simclr_s']:.0f} s: {pretrain_runs['simclr'][0]}")
+        if "uscl" in methods:
+            t = time.perf_counter()
+            pretrain_runs["uscl"] = []
+            for fold in range(args.folds):
+                holdout = HoldoutSpec(fold, args.folds, args.split_seed, tuple(CLASSES), PROBE)
+                result = pretrain(data, str(work / "uscl" / str(fold)), cfg, scale, holdout=holdout,
+                                  storage=storage)
+                pretrain_runs["uscl"].append(_run_summary(result))
+                log(f"uscl fold {fold} pretrained: {pretrain_runs['uscl'][-1]}")
+            checkpoints["uscl"] = str(work / "uscl" / "{fold}" / "model.pt")
+            timings["pretrain_uscl_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        frames = load_eval_frames(data, rows, classes, image_size=args.image_size,
+                                  channels=args.channels)
+        timings["load_frames_s"] = time.perf_counter() - t
+        log(f"{len(frames)} evaluation frames of {len(set(frames.video_ids.tolist()))} videos "
+            f"in {timings['load_frames_s']:.0f} s")
+        results: dict[str, dict[str, dict]] = {}
+        for method in methods:
+            results[method] = {}
+            for mode in modes:
+                t = time.perf_counter()
+                summary = evaluate_summary(
+                    DATA_URI, checkpoints[method], mode=mode, folds=args.folds,
+                    split_seed=args.split_seed, classes=CLASSES, probe=PROBE,
+                    image_size=args.image_size, channels=args.channels,
+                    epochs=args.finetune_epochs, device=device, storage=storage, frames=frames)
+                timings[f"eval_{method}_{mode}_s"] = time.perf_counter() - t
+                results[method][mode] = {k: summary[k] for k in (
+                    "accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "video_accuracy",
+                    "video_accuracy_std", "confusion", "per_class")}
+                log(f"{method} {mode}: accuracy {summary['accuracy']:.3f} +- "
+                    f"{summary['accuracy_std']:.3f}, macro-F1 {summary['macro_f1']:.3f} +- "
+                    f"{summary['macro_f1_std']:.3f}")
+
+    timings["total_s"] = time.perf_counter() - started
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+               f"{'GPU ' + torch.cuda.get_device_name(0) if args.gpu else 'CPU only'}")
+    settings = {"image_size": args.image_size, "channels": args.channels, "epochs": args.epochs,
+                "warmup_epochs": warmup, "batch_videos": args.batch_videos, "lr": args.lr,
+                "workers": args.workers, "folds": args.folds, "split_seed": args.split_seed,
+                "finetune_epochs": args.finetune_epochs, "videos_pretrain": len(data.rows),
+                "videos_evaluated": len(rows), "frames_evaluated": len(frames)}
+    print(markdown_table(results, modes, settings, machine, timings))
+    print(json.dumps({"settings": settings, "machine": machine, "results": results,
+                      "pretrain": pretrain_runs, "timings_s": {k: round(v, 1) for k, v in timings.items()}}))
+
+
+def _run_summary(result) -> dict:
+    return {"epochs": len(result.history), "loss_first": round(result.history[0]["loss"], 4),
+            "loss_last": round(result.history[-1]["loss"], 4),
+            "images_per_s": round(result.images_per_s, 1),
+            "seconds": round(sum(h["seconds"] for h in result.history), 1)}
+
+
+def markdown_table(results: dict, modes: list[str], settings: dict, machine: str,
+                   timings: dict) -> str:
+    names = {"linear": "linear probe", "finetune": "fine-tune last block"}
+    header = "| backbone | " + " | ".join(f"{names[m]} accuracy | {names[m]} macro-F1" for m in modes) + " |"
+    lines = [f"POCUS {'/'.join(CLASSES)} ({PROBE}), {settings['folds']}-fold CV by patient, "
+             f"{settings['videos_evaluated']} videos / {settings['frames_evaluated']} frames; "
+             f"pretraining {settings['epochs']} epochs at {settings['image_size']}px x "
+             f"{settings['channels']} on {settings['videos_pretrain']} videos; {machine}; "
+             f"total {timings['total_s'] / 60:.1f} min", "",
+             header, "|" + "---|" * (1 + 2 * len(modes))]
+    labels = {"random": "random init", "simclr": "SimCLR", "uscl": "USCL"}
+    for method, by_mode in results.items():
+        cells = []
+        for mode in modes:
+            r = by_mode[mode]
+            cells += [f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f}",
+                      f"{r['macro_f1']:.3f} ± {r['macro_f1_std']:.3f}"]
+        lines.append(f"| {labels.get(method, method)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
