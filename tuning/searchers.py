@@ -99,16 +99,20 @@ def make_searcher(spec: SweepSpec, trials: int, storage: optuna.storages.BaseSto
 
 
 def make_scheduler(spec: SweepSpec, max_steps: int) -> ASHAScheduler | None:
-    """ASHA over epochs/rounds on the primary metric (rungs at grace * factor^k < max_steps)."""
-    if spec.scheduler.name == "none":
+    """ASHA over epochs/rounds on the primary metric, rungs at ``grace * factor^k`` strictly
+    before the last step: a trial is only ever stopped early, never at its last step, and one
+    that gets there ends by itself (stopping it would kill its job's final work, e.g. a Train
+    job exporting its model after the last epoch's report). None when no step is early enough."""
+    if spec.scheduler.name == "none" or max_steps <= spec.scheduler.grace_period:
         return None
     return ASHAScheduler(
         time_attr=ITERATION,
         metric=spec.metric,
         mode=spec.mode,
-        max_t=max_steps,
-        grace_period=min(spec.scheduler.grace_period, max_steps),
+        max_t=max_steps - 1,
+        grace_period=spec.scheduler.grace_period,
         reduction_factor=spec.scheduler.reduction_factor,
+        stop_last_trials=False,
     )
 
 

@@ -135,7 +135,7 @@ def trial_function(config: dict, context: TrialContext) -> None:
         finished = json.loads(storage.read_bytes(ledger))
         if finished.get("status") in ("completed", "stopped") and finished.get("history"):
             for row in finished["history"]:  # finished before the driver died: no second run
-                tune.report({k: v for k, v in row.items() if v is not None})
+                tune.report({k: v for k, v in row.items() if v is not None and k != "training_iteration"})
             return
     stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
     storage.write_bytes(trial_dir.join("starts", f"{stamp}.json"),

@@ -86,9 +86,14 @@ def test_tpe_startup_and_samplers():
 
 
 def test_asha_rungs_follow_the_spec():
-    asha = searchers.make_scheduler(spec_of(scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2}), 8)
-    assert asha._max_t == 8
-    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [8, 4, 2]  # Ray internals
+    halving = spec_of(scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2})
+    asha = searchers.make_scheduler(halving, 9)
+    # rungs at 2, 4, 8: every one before the last step (9); Ray internals
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [8, 4, 2]
+    assert asha._stop_last_trials is False  # a full-length trial ends by itself
+    asha = searchers.make_scheduler(halving, 8)
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [4, 2]  # not 8: the last step
+    assert searchers.make_scheduler(halving, 2) is None  # nothing before the last step to stop at
     assert searchers.make_scheduler(spec_of(scheduler="none"), 8) is None
 
 
