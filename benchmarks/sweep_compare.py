@@ -46,6 +46,12 @@ def make_phantom(work: Path, videos: int, frames: int, size: int) -> str:
     return str(data)
 
 
+def run_name(arm: str, args, seed: int) -> str:
+    """One folder per (budget, arm, seed); ASHA's reduction factor too when it is not 3."""
+    rf = f"-rf{args.reduction_factor:g}" if arm == "tpe+asha" and args.reduction_factor != 3 else ""
+    return f"trials{args.trials}-seed{seed}-{arm.replace('+', '-')}{rf}"
+
+
 def spec_for(arm: str, args, data: str, cache: str, seed: int):
     import yaml
 
@@ -54,8 +60,10 @@ def spec_for(arm: str, args, data: str, cache: str, seed: int):
     raw = yaml.safe_load((REPO / "tuning" / "specs" / "tsal.yaml").read_text())
     raw["fixed"].update({"data": data, "cache": cache, "size": args.size, "channels": 1, "fps": args.fps,
                          "max_per_video": args.max_per_video, "seeds": args.seeds})
-    raw.update(ARMS[arm])
-    raw.update({"name": f"bench-{args.trials}-{arm.replace('+', '-')}-{seed}", "trials": args.trials, "seed": seed})
+    raw.update(json.loads(json.dumps(ARMS[arm])))
+    if arm == "tpe+asha":
+        raw["scheduler"]["reduction_factor"] = args.reduction_factor
+    raw.update({"name": run_name(arm, args, seed), "trials": args.trials, "seed": seed})
     if arm == "tpe+asha":
         raw["searcher"]["startup_trials"] = args.startup
     return parse_spec(raw)
@@ -69,6 +77,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="searcher seeds per arm")
     parser.add_argument("--startup", type=int, default=5, help="TPE's random start-up trials")
     parser.add_argument("--seeds", type=int, default=2, help="simulation seeds per trial")
+    parser.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's reduction factor (default 3)")
     parser.add_argument("--concurrency", type=int, default=None, help="trials at once (default: from CPUs)")
     parser.add_argument("--num-cpus", type=int, default=None)
     parser.add_argument("--phantom-videos", type=int, default=32)
@@ -92,7 +101,7 @@ def main() -> int:
     for seed in range(args.repeats):
         for arm in ARMS:
             spec = spec_for(arm, args, data, cache, seed)
-            out = work / f"trials{args.trials}-seed{seed}-{arm.replace('+', '-')}"
+            out = work / run_name(arm, args, seed)
             resume = (out / "sweep.json").is_file()
             started = time.perf_counter()
             summary = run_sweep(spec, str(out), concurrency=args.concurrency, resume=resume, storage=storage).summary
@@ -103,14 +112,15 @@ def main() -> int:
                 "best_config": summary["best_config"],
             })
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
-    (work / f"results-trials{args.trials}.json").write_text(json.dumps(runs, indent=1))
+    (work / f"results-trials{args.trials}-rf{args.reduction_factor:g}.json").write_text(json.dumps(runs, indent=1))
     print(table(runs, args))
     return 0
 
 
 def table(runs: list[dict], args) -> str:
     lines = [f"Sweep of tuning/specs/tsal.yaml (confidence, correlation_weight, per_round), {args.trials} trials "
-             f"per sweep, {args.seeds} simulation seeds per trial, {args.repeats} searcher seeds per arm.", "",
+             f"per sweep, {args.seeds} simulation seeds per trial, {args.repeats} searcher seeds per arm, ASHA "
+             f"reduction factor {args.reduction_factor:g}.", "",
              "| arm | searcher seed | best AULC | compute (trial-rounds) | stopped early | wall (s) |",
              "|---|---|---|---|---|---|"]
     for r in runs:

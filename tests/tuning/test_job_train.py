@@ -94,3 +94,26 @@ def test_pretrain_sweep_reports_every_epoch_to_tune(ray_cluster, phantom_uri, st
 
 def summary_trials(out):
     return sorted(p.name for p in (out / "trials").iterdir() if p.is_dir())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_msml_sweep_with_asha_on_validation_map(ray_cluster, phantom_uri, tmp_path):
+    spec = tmp_path / "msml-tiny.yaml"
+    spec.write_text(yaml.safe_dump({
+        "job": "msml", "fixed": {"data": phantom_uri, "epochs": 2, "image_size": 32, "channels": 1,
+                                 "batch_size": 8, "fps": 4},
+        "space": {"lr": {"loguniform": [1.0e-4, 1.0e-2]}, "loss": {"choice": ["bce", "asymmetric"]}},
+        "metric": "val_map", "trials": 2, "searcher": "random", "scheduler": "asha"}))
+    out = tmp_path / "out"
+    code, summary = run_cli(main, ["sweep", str(spec), "--out", str(out), "--json"])
+    assert code == 0
+    assert summary["trials"] == 2 and summary["errored"] == 0
+    for trial_id in summary_trials(out):
+        ledger = yaml.safe_load((out / "trials" / trial_id / "result.json").read_text())
+        steps = [row["training_iteration"] for row in ledger["history"]]
+        assert steps == list(range(1, len(steps) + 1)) and 1 <= len(steps) <= 2
+        assert all(0.0 <= row["val_map"] <= 1.0 for row in ledger["history"])
+    if summary["completed"]:
+        best = ADAPTERS["msml"].load_job_config(summary["best_config_path"])
+        assert best.lr == pytest.approx(summary["best_config"]["lr"]) and best.epochs == 2
