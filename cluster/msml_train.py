@@ -75,6 +75,7 @@ RUN_FILE = "msml_run.json"  # config + split of the run under --out, read back b
 REPORT_FILE = "report.json"
 GRADCAM_FOLDER = "gradcam"
 SHUFFLE_BUFFER_FRAMES = 256
+KEEP_CHECKPOINTS = 2  # resuming needs the last; one more in case the last write was cut short
 
 
 # -- split ----------------------------------------------------------------------------------
@@ -383,14 +384,14 @@ def run_msml(
     on_progress(f"msml: training {config.epochs} epochs on {options.scale.workers} worker(s)"
                 f"{' with GPUs' if options.scale.gpu else ''}, writing to {out.uri}")
     result = fit(msml_train_loop, loop_config, {"train": train_stream}, out.uri, options.scale,
-                 resume=options.resume, storage=storage)
+                 resume=options.resume, storage=storage, keep_checkpoints=KEEP_CHECKPOINTS)
 
     if result.checkpoint is None:
         raise TrainingError(f"training under {out.uri} produced no checkpoint")
     with result.checkpoint.as_directory() as folder:
         final = torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=False)
     history = final["history"]
-    checkpoint_uri = export_final(result, out.uri, history, storage)
+    checkpoint_uri = export_final(result, out.uri, history, storage, exclude=("optimizer",))
     model = MSMLNet(config)
     model.load_state_dict(final["model"])
     probs = msml_predict(model, validation.images, config.image_size)

@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.dataset import load_dataset
     from cluster.msml_train import MSMLRunOptions, run_msml
     from cluster.train import ScaleSpec, TrainingError
+    from ultrasound.video import FrameSampling
 
     started = time.perf_counter()
     storage = storage_from(args)
@@ -130,8 +131,6 @@ def run(args: argparse.Namespace) -> int:
             val_fraction=args.val_fraction, split_seed=args.split_seed, init_uri=args.init,
             resume=args.resume, gradcam=args.gradcam,
         )
-        from ultrasound.video import FrameSampling
-
         FrameSampling(fps=args.fps, max_per_video=args.max_per_video)  # validates the sampling flags
     except ValueError as err:
         raise UserError(str(err)) from err

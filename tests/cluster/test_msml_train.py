@@ -115,6 +115,7 @@ def test_report_matches_the_saved_model_on_frames_decoded_without_ray(msml_run, 
     state = torch.load(io.BytesIO(storage.read_bytes(out.join("model.pt"))), map_location="cpu",
                        weights_only=False)
     assert state["epoch"] == EPOCHS and state["split"]["validation"] == split["validation"]
+    assert "optimizer" not in state  # what resuming needs stays in the run's checkpoints
     config = MSMLConfig.from_dict(state["config"])
     assert (config.lr, config.image_size, config.channels) == (1e-3, 48, 1)  # YAML, then flags
     model = MSMLNet(config)
