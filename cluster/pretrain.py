@@ -304,6 +304,10 @@ def pretrain_loop(config: dict) -> None:
             sys.stderr.write(f"pretrain: epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f} "
                              f"{metrics['images_per_s']:.1f} images/s lr {lr:.2e}\n")
             sys.stderr.flush()
+    if restored is not None and start >= cfg.epochs:  # resumed a finished run: nothing to train,
+        last = restored["history"][-1]               # report its state again so it is the result
+        report_epoch({k: last[k] for k in ("epoch", "loss", "images_per_s", "lr")}, restored,
+                     ctx.rank)
 
 
 def load_init_state(path: str, channels: int, storage: Storage | None = None

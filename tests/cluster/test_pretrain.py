@@ -113,6 +113,12 @@ def test_resume_continues_from_the_saved_epoch_and_labels_of_the_held_out_fold_s
     assert history[2]["session_start"] == 2
     assert set(load_model_file(second["checkpoint"])["labelled_video_ids"]) == every - test0
 
+    # resuming a finished run trains nothing and gives the same result
+    code, third = run_cli(main, [*base, "--epochs", "3", "--resume"])
+    assert code == 0 and third["loss"] == second["loss"]
+    assert [h["run_id"] for h in load_model_file(third["checkpoint"])["history"]] == \
+        [h["run_id"] for h in history]
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
