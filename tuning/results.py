@@ -268,7 +268,7 @@ def plot_metric_over_trials(records: Sequence[TrialRecord], spec: SweepSpec):
     ax.set_ylabel(f"{spec.metric} ({spec.mode})")
     ax.set_title(f"sweep {spec.name}: {spec.job}, {spec.searcher.name} + {spec.scheduler.name}")
     ax.grid(alpha=0.3)
-    if records:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -168,6 +168,8 @@ class SweepOptunaSearch(OptunaSearch):
             self.__setstate__(pickle.load(handle))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, str) and self.metric not in result:
+            return  # a per-epoch report of a job whose metric comes once, at the end
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and not isinstance(self.metric, list):
             # a trial restarted by a resume reports its first steps again: Optuna keeps the first

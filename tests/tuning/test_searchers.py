@@ -118,3 +118,13 @@ def test_a_restarted_trial_reporting_its_steps_again_keeps_the_first_values(tmp_
     search.on_trial_result("t0", {"score": 0.2, "training_iteration": 2})
     trial = optuna.load_study(study_name="s", storage=store).trials[0]
     assert trial.intermediate_values == {1: 0.1, 2: 0.2}
+
+
+def test_results_without_the_metric_are_skipped(tmp_path):
+    store = storage(tmp_path)
+    search = searchers.make_searcher(spec_of(), trials=1, storage=store, max_steps=3)
+    search.suggest("t0")
+    search.on_trial_result("t0", {"loss": 0.5, "training_iteration": 1})  # an epoch before the evaluation
+    search.on_trial_complete("t0", {"score": 0.4, "training_iteration": 3})
+    trial = optuna.load_study(study_name="s", storage=store).trials[0]
+    assert trial.intermediate_values == {} and trial.value == 0.4
