@@ -46,10 +46,14 @@ def make_phantom(work: Path, videos: int, frames: int, size: int) -> str:
     return str(data)
 
 
+def rf_suffix(arm: str, args) -> str:
+    return f"-rf{args.reduction_factor:g}" if arm == "tpe+asha" and args.reduction_factor != 3 else ""
+
+
 def run_name(arm: str, args, seed: int) -> str:
-    """One folder per (budget, arm, seed); ASHA's reduction factor too when it is not 3."""
-    rf = f"-rf{args.reduction_factor:g}" if arm == "tpe+asha" and args.reduction_factor != 3 else ""
-    return f"trials{args.trials}-seed{seed}-{arm.replace('+', '-')}{rf}"
+    """One folder per (budget, arm, seed), and ASHA's reduction factor when it is not 3: a run
+    already there is resumed (a finished one just gives its results)."""
+    return f"trials{args.trials}-seed{seed}-{arm.replace('+', '-')}{rf_suffix(arm, args)}"
 
 
 def spec_for(arm: str, args, data: str, cache: str, seed: int):
@@ -63,7 +67,8 @@ def spec_for(arm: str, args, data: str, cache: str, seed: int):
     raw.update(json.loads(json.dumps(ARMS[arm])))
     if arm == "tpe+asha":
         raw["scheduler"]["reduction_factor"] = args.reduction_factor
-    raw.update({"name": run_name(arm, args, seed), "trials": args.trials, "seed": seed})
+    raw.update({"name": f"bench-{args.trials}-{arm.replace('+', '-')}-{seed}{rf_suffix(arm, args)}",
+                "trials": args.trials, "seed": seed})
     if arm == "tpe+asha":
         raw["searcher"]["startup_trials"] = args.startup
     return parse_spec(raw)

@@ -197,6 +197,7 @@ class EvaluateAfterPretrainJob(PretrainJob):
     compute)."""
 
     name = "evaluate-after-pretrain"
+    step_name = "step"  # the epochs of every pretraining, then the evaluation
     metrics = {
         "macro_f1": MetricInfo("max", "evaluation macro-F1, mean over folds", every_step=False),
         "accuracy": MetricInfo("max", "evaluation accuracy, mean over folds", every_step=False),
