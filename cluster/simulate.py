@@ -657,11 +657,34 @@ class RoundCounter:
         return self.count
 
 
+class ThrottledCount:
+    """Adds completed rounds to the :class:`RoundCounter` at most every ``every_s`` seconds (one
+    actor call per round cost about as much CPU as the oracle's answers)."""
+
+    def __init__(self, counter, every_s: float = 2.0) -> None:
+        self.counter, self.every_s = counter, every_s
+        self.pending, self.last = 0, time.monotonic()
+
+    def __call__(self) -> None:
+        self.pending += 1
+        if time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.counter.add.remote(self.pending)
+        self.pending, self.last = 0, time.monotonic()
+
+
 def _experiment_task(spec, config, features, split, findings, oracle_handle, out_uri, storage_config,
                      init_backbone, fault, counter):
-    return run_experiment(spec, config, features, split, findings, OracleClient(oracle_handle),
-                          Storage(storage_config), parse_uri(out_uri), init_backbone=init_backbone, fault=fault,
-                          on_round=lambda: counter.add.remote(1))
+    count = ThrottledCount(counter)
+    try:
+        return run_experiment(spec, config, features, split, findings, OracleClient(oracle_handle),
+                              Storage(storage_config), parse_uri(out_uri), init_backbone=init_backbone,
+                              fault=fault, on_round=count)
+    finally:
+        count.flush()
 
 
 def _reference_task(reference_id, seed, config, features, split, train_labels, findings, out_uri, storage_config,
