@@ -41,7 +41,7 @@ def test_train_job_checks_name_the_key():
         parse_spec(bad)
     bad["fixed"] = {"data": "s3://b/d", "labels": "per_fold"}
     assert parse_spec(bad).job == "evaluate-after-pretrain"
-    with pytest.raises(SpecError, match="scheduler: asha needs 'macro_f1' reported every epoch"):
+    with pytest.raises(SpecError, match="scheduler: asha needs 'macro_f1' reported every step, but job 'evaluate-after-pretrain' reports it once"):
         parse_spec({**bad, "scheduler": "asha"})
 
 
