@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cpus-per-worker", type=float, default=None,
                         help="CPU share of each training worker (default: leave one CPU to Ray Data)")
+    parser.add_argument("--decode-cpus", type=float, default=None,
+                        help="CPU share of one decode task (default: pretrain's)")
     parser.add_argument("--gpu", action="store_true", help="pretrain and evaluate on GPUs")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--split-seed", type=int, default=0)
@@ -84,6 +86,7 @@ def main() -> None:
     log = lambda message: print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,
                                 flush=True)  # noqa: E731
     started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
     timings: dict[str, float] = {}
 
     with LocalS3Server() as server:
@@ -103,7 +106,7 @@ def main() -> None:
         if "simclr" in methods:
             t = time.perf_counter()
             result = pretrain(data, str(work / "simclr"), cfg.plain_simclr(), scale,
-                              unlabelled=True, storage=storage)
+                              unlabelled=True, storage=storage, decode_cpus=args.decode_cpus)
             checkpoints["simclr"] = result.checkpoint_uri
             pretrain_runs["simclr"] = [_run_summary(result)]
             timings["pretrain_simclr_s"] = time.perf_counter() - t
@@ -114,7 +117,7 @@ def main() -> None:
             for fold in range(args.folds):
                 holdout = HoldoutSpec(fold, args.folds, args.split_seed, tuple(CLASSES), PROBE)
                 result = pretrain(data, str(work / "uscl" / str(fold)), cfg, scale, holdout=holdout,
-                                  storage=storage)
+                                  storage=storage, decode_cpus=args.decode_cpus)
                 pretrain_runs["uscl"].append(_run_summary(result))
                 log(f"uscl fold {fold} pretrained: {pretrain_runs['uscl'][-1]}")
             checkpoints["uscl"] = str(work / "uscl" / "{fold}" / "model.pt")
@@ -145,11 +148,13 @@ def main() -> None:
                     f"{summary['macro_f1_std']:.3f}")
 
     timings["total_s"] = time.perf_counter() - started
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs (load average {load_at_start:.1f} at "
+               f"start, {os.getloadavg()[0]:.1f} at end), torch {torch.__version__}, "
                f"{'GPU ' + torch.cuda.get_device_name(0) if args.gpu else 'CPU only'}")
     settings = {"image_size": args.image_size, "channels": args.channels, "epochs": args.epochs,
                 "warmup_epochs": warmup, "batch_videos": args.batch_videos, "lr": args.lr,
-                "workers": args.workers, "folds": args.folds, "split_seed": args.split_seed,
+                "workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
+                "decode_cpus": args.decode_cpus, "folds": args.folds, "split_seed": args.split_seed,
                 "finetune_epochs": args.finetune_epochs, "videos_pretrain": len(data.rows),
                 "videos_evaluated": len(rows), "frames_evaluated": len(frames)}
     print(markdown_table(results, modes, settings, machine, timings))

@@ -167,3 +167,15 @@ def test_config_precedence_defaults_then_file_then_flags(tmp_path):
     assert (cfg.batch_videos, cfg.image_size, cfg.warmup_epochs) == (32, 224, 10)  # defaults
     simclr = resolve_config(parser.parse_args(["pretrain", "--data", "d", "--out", "o", "--simclr"]))
     assert not simclr.mixup and not simclr.semi_supervised
+
+
+def test_decode_share_leaves_training_its_cores():
+    from cluster.frames import StreamSpec
+    from cluster.pretrain import default_decode_cpus
+    from cluster.train import ScaleSpec
+
+    assert default_decode_cpus(ScaleSpec(workers=1), 2.0) == 1.0  # 1 CPU trains, 1 decodes
+    assert default_decode_cpus(ScaleSpec(workers=2), 2.0) == 1.0  # 2 x 0.5 train
+    assert default_decode_cpus(ScaleSpec(workers=1), 1.0) == 0.75  # a 0.25 worker on 1 CPU
+    assert default_decode_cpus(ScaleSpec(workers=2), 8.0) == 1.0
+    assert default_decode_cpus(ScaleSpec(workers=1, gpu=True), 16.0) == StreamSpec.cpus_per_task
