@@ -23,11 +23,8 @@ is not also used to pick an epoch.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import pickle
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +45,7 @@ from cluster.train import (
     dataset_shard,
     export_final,
     fit,
+    load_init_backbone,
     prepare_model,
     report_epoch,
     restore_state,
@@ -55,7 +53,6 @@ from cluster.train import (
     unwrap,
     worker_context,
 )
-from ultrasound.backbone import ResNet18Backbone, load_backbone_weights
 from ultrasound.evaluation import carve_validation
 from ultrasound.gradcam import grad_cam, overlay
 from ultrasound.msml import (
@@ -199,32 +196,6 @@ def validation_report(targets: np.ndarray, probs: np.ndarray, findings: list[str
 
 
 # -- initial weights ------------------------------------------------------------------------
-def load_init_backbone(uri: str, channels: int, storage: Storage) -> tuple[dict, list[str]]:
-    """The backbone state a ``--init`` checkpoint gives, and the backbone keys it left at random.
-
-    Accepted: a raw torchvision ResNet-18 / ``ResNet18Backbone`` state dict, a model state dict
-    with ``backbone.`` (and ``module.``) prefixes, or a checkpoint dict whose ``"model"`` entry is
-    one of those (a USCL pretraining ``model.pt``: ``{"model": USCLModel.state_dict(), ...}``;
-    its projection and classifier are ignored). Raises ValueError when nothing matches.
-    """
-    raw = storage.read_bytes(parse_uri(uri))
-    try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # A sonoray training checkpoint may carry more than tensors (history, config objects);
-        # the user named this file, as with cluster.train.restore_state's own checkpoints.
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{uri}: not a state dict (nor a checkpoint with a 'model' state dict)")
-    backbone = ResNet18Backbone(in_channels=channels)
-    with tempfile.NamedTemporaryFile(suffix=".pt") as handle:
-        torch.save(state, handle.name)
-        missing = load_backbone_weights(backbone, handle.name)
-    return backbone.state_dict(), missing
-
-
 # -- the per-worker loop --------------------------------------------------------------------
 def msml_train_loop(loop_config: dict) -> None:
     """One data-parallel MSML worker (``cluster.train.fit`` runs it on every rank).

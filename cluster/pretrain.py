@@ -323,27 +323,3 @@ def pretrain_loop(config: dict) -> None:
         last = restored["history"][-1]               # report its state again so it is the result
         report_epoch({k: last[k] for k in ("epoch", "loss", "images_per_s", "lr")}, restored,
                      ctx.rank)
-
-
-def load_init_state(path: str, channels: int, storage: Storage | None = None
-                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """A backbone state dict from any user file (``--init``; local path or s3://): torchvision
-    ResNet-18 keys or a sonoray checkpoint. Returns it and the parameters left at random init."""
-    import tempfile
-
-    from ultrasound.backbone import ResNet18Backbone, load_backbone_weights
-
-    location = parse_uri(path)
-    backbone = ResNet18Backbone(channels)
-    if location.is_s3:
-        storage = storage or Storage()
-        with tempfile.NamedTemporaryFile(suffix=".pt") as handle:
-            handle.write(storage.read_bytes(location))
-            handle.flush()
-            missing = load_backbone_weights(backbone, handle.name)
-    elif os.path.isfile(location.key):
-        missing = load_backbone_weights(backbone, location.key)
-    else:
-        raise FileNotFoundError(f"--init: no file at {path}")
-    return backbone.state_dict(), missing
-

@@ -128,8 +128,8 @@ def holdout_from(args: argparse.Namespace, saved: dict | None):
 def run(args: argparse.Namespace) -> int:
     from cluster.dataset import load_dataset
     from cluster.evaluate import EvaluationError
-    from cluster.pretrain import load_init_state, plan_labels, pretrain, read_run_spec
-    from cluster.train import ScaleSpec, TrainingError
+    from cluster.pretrain import plan_labels, pretrain, read_run_spec
+    from cluster.train import ScaleSpec, TrainingError, load_init_backbone
 
     if args.workers < 1 or args.max_failures < 0:
         raise UserError("--workers must be >= 1 and --max-failures >= 0")
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--holdout-fold: {err}") from err
     init_state = None
     if args.init and not args.resume:
-        init_state, missing = load_init_state(args.init, cfg.channels, storage)
+        init_state, missing = load_init_backbone(args.init, cfg.channels, storage)
         progress(f"pretrain: backbone from {args.init}"
                  + (f" ({len(missing)} parameters left at random init)" if missing else ""))
     progress(connect_ray(args))

@@ -146,12 +146,13 @@ class PretrainJob(TrainJob):
     def pretrain_once(self, config: Mapping[str, Any], out_uri: str, storage, holdout=None,
                       unlabelled: bool | None = None):
         from cluster.dataset import load_dataset
-        from cluster.pretrain import load_init_state, pretrain
+        from cluster.pretrain import pretrain
+        from cluster.train import load_init_backbone
 
         cfg = self.settings(config)
         init_state = None
         if config.get("init"):
-            init_state, _ = load_init_state(config["init"], cfg.channels, storage)
+            init_state, _ = load_init_backbone(config["init"], cfg.channels, storage)
         flag = bool(config.get("unlabelled", False)) if unlabelled is None else unlabelled
         return pretrain(load_dataset(config["data"], storage), out_uri, cfg, self.trial_scale(config),
                         unlabelled=flag, holdout=holdout, init_state=init_state, storage=storage)

@@ -54,14 +54,24 @@ class ResNet18Backbone(nn.Module):
 
 
 def load_backbone_weights(backbone: ResNet18Backbone, path: str | Path) -> list[str]:
-    """Load a user-supplied state dict (torchvision ResNet-18 keys, or a sonoray checkpoint's
-    ``backbone.`` keys). Returns the names of backbone parameters that stayed at random init.
-
-    A first conv with 3 input channels is averaged to 1 channel when the backbone is grayscale.
-    """
+    """Load a user-supplied state dict file into ``backbone``; see :func:`adopt_weights`."""
     state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+    return adopt_weights(backbone, state, str(path))
+
+
+def adopt_weights(backbone: ResNet18Backbone, state: object, source: str) -> list[str]:
+    """Copy the backbone tensors of ``state`` into ``backbone``; returns the names of backbone
+    parameters that stayed at random init.
+
+    Accepted: torchvision ResNet-18 keys, ``backbone.``/``module.`` prefixed keys of a sonoray
+    model, or a checkpoint dict whose ``"model"`` entry is one of those (a USCL ``model.pt``;
+    its projection and classifier are ignored). A first conv with 3 input channels is averaged to
+    1 channel when the backbone is grayscale. ``source`` names the file in errors.
+    """
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source}: not a state dict (nor a checkpoint with a 'model' state dict)")
     renamed: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         key = key.removeprefix("module.").removeprefix("backbone.")
@@ -75,6 +85,6 @@ def load_backbone_weights(backbone: ResNet18Backbone, path: str | Path) -> list[
     own = backbone.state_dict()
     usable = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
     if not usable:
-        raise ValueError(f"{path}: no parameter matches a ResNet-18 backbone")
+        raise ValueError(f"{source}: no parameter matches a ResNet-18 backbone")
     backbone.load_state_dict(usable, strict=False)
     return sorted(set(own) - set(usable))

@@ -227,7 +227,7 @@ def _torchvision_state(seed: int) -> dict:
 
 
 def test_init_loads_a_torchvision_state_dict_and_a_uscl_checkpoint(tmp_path, storage, s3_server):
-    from cluster.msml_train import load_init_backbone
+    from cluster.train import load_init_backbone
     from cluster.storage import Storage
     from ultrasound.msml import MSMLConfig, MSMLNet, prepare_images
     from ultrasound.uscl import USCLModel
@@ -253,6 +253,7 @@ def test_init_loads_a_torchvision_state_dict_and_a_uscl_checkpoint(tmp_path, sto
     torch.save({"model": uscl.state_dict(), "epoch": 2, "config": {"lr": 3e-4}, "history": [{"loss": 1.0}]},
                buffer)
     location = parse_uri("s3://sonoray-test/msml-init/uscl.pt")
+    storage.check(location, create_bucket=True)
     storage.write_bytes(location, buffer.getvalue())
     backbone, missing = load_init_backbone(location.uri, 1, storage)
     assert missing == []
@@ -287,3 +288,17 @@ def test_validation_report_leaves_out_findings_without_training_positives():
     # (a: 0.4 < 0.5 on a positive; c: 0.7 on a negative), tp = 1 (a) + 1 (b) + 1 (c) = 3
     assert report["hamming_loss"] == pytest.approx(2 / 12)
     assert report["micro_f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
+
+
+def test_init_names_a_missing_or_foreign_file(tmp_path):
+    from cluster.storage import Storage
+    from cluster.train import load_init_backbone
+
+    with pytest.raises(FileNotFoundError, match="no file at .*absent.pt"):
+        load_init_backbone(str(tmp_path / "absent.pt"), 1, Storage())
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="foreign.pt: no parameter matches a ResNet-18"):
+        load_init_backbone(str(tmp_path / "foreign.pt"), 1, Storage())
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="list.pt: not a state dict"):
+        load_init_backbone(str(tmp_path / "list.pt"), 1, Storage())
