@@ -22,7 +22,9 @@ The machine's load average is recorded before each timed step: on a shared machi
 only mean something when it is near the CPU count.
 
 Usage: python benchmarks/simulate_pocus.py [--pocus DIR] [--work DIR] [--init CKPT] [--skip-scale]
-Writes benchmarks/results/simulate_pocus.json (merged with the steps of earlier runs that this one
+       python benchmarks/simulate_pocus.py --init simclr/model.pt --size 64 --channels 1 \
+           --results simulate_pocus_simclr --work /tmp/bench-simclr --skip-speed --skip-probe --skip-scale
+Writes benchmarks/results/<--results>.json (default simulate_pocus.json; merged with the steps of earlier runs that this one
 skipped) and the curves PNGs, prints the JSON.
 """
 from __future__ import annotations
@@ -150,6 +152,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/sonoray-bench-simulate"))
     parser.add_argument("--init", default=None, help="USCL checkpoint (model.pt) for the trunk")
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=3,
+                        help="trunk input channels (1 for a grayscale checkpoint)")
+    parser.add_argument("--results", default="simulate_pocus",
+                        help="stem of the results JSON and curve PNGs under benchmarks/results/")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=9, help="quality run: 5%% + 9 x 5%% = 50%% labelled")
     parser.add_argument("--scale-experiments", type=int, default=1000)
@@ -202,13 +208,13 @@ def main() -> None:
     cpus = int(cluster_cpus())
     report["machine"]["ray_cpus"] = cpus
 
-    spec = SampleSpec(fps=3.0, max_per_video=30, size=args.size, channels=3, init=args.init)
+    spec = SampleSpec(fps=3.0, max_per_video=30, size=args.size, channels=args.channels, init=args.init)
     started = time.perf_counter()
     table, cached = load_samples(data, spec, parse_uri(str(args.work / "cache")), storage, note)
     report["embeddings"] = {"frames": len(table), "videos": int(len(set(table.video_id.tolist()))),
                             "findings": list(table.findings), "positives": table.labels.sum(axis=0).tolist(),
                             "trunk": f"USCL checkpoint {args.init}" if args.init else "ResNet-18, random init (seed 0)",
-                            "size": args.size, "seconds": round(time.perf_counter() - started, 1),
+                            "size": args.size, "channels": args.channels, "seconds": round(time.perf_counter() - started, 1),
                             "from_cache": cached}
     note(f"embeddings: {report['embeddings']}")
 
@@ -223,7 +229,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         summary = result.report["summary"]
         RESULTS.mkdir(parents=True, exist_ok=True)
-        png_name = "simulate_pocus_curves.png" if dims is None else f"simulate_pocus_curves_{name}.png"
+        png_name = f"{args.results}_curves.png" if dims is None else f"{args.results}_curves_{name}.png"
         (RESULTS / png_name).write_bytes(storage.read_bytes(parse_uri(result.report["png_uri"])))
         s = summary["strategies"]
         tsal, rand = s["tsal"], s["random"]
@@ -317,7 +323,7 @@ def main() -> None:
         note(f"scale: {report['scale']}")
 
     report["machine"]["load_average_end"] = load_average()
-    target = RESULTS / "simulate_pocus.json"
+    target = RESULTS / f"{args.results}.json"
     merged = json.loads(target.read_text()) if target.exists() else {}
     for key, value in report.items():  # steps skipped this time keep their earlier results
         if key == "quality" and isinstance(merged.get(key), dict) and "targets" not in merged[key]:

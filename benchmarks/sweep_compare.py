@@ -47,7 +47,12 @@ def make_phantom(work: Path, videos: int, frames: int, size: int) -> str:
 
 
 def rf_suffix(arm: str, args) -> str:
-    return f"-rf{args.reduction_factor:g}" if arm == "tpe+asha" and args.reduction_factor != 3 else ""
+    """ASHA's settings when they are not the spec's: the random arm has no scheduler, so its
+    trials (and folder) are the same whatever these are."""
+    if arm != "tpe+asha":
+        return ""
+    return (f"-rf{args.reduction_factor:g}" if args.reduction_factor != 3 else "") + \
+        (f"-rp{args.report_points}" if args.report_points else "")
 
 
 def run_name(arm: str, args, seed: int) -> str:
@@ -67,6 +72,8 @@ def spec_for(arm: str, args, data: str, cache: str, seed: int):
     raw.update(json.loads(json.dumps(ARMS[arm])))
     if arm == "tpe+asha":
         raw["scheduler"]["reduction_factor"] = args.reduction_factor
+        if args.report_points:
+            raw["fixed"]["report_points"] = args.report_points
     raw.update({"name": f"bench-{args.trials}-{arm.replace('+', '-')}-{seed}{rf_suffix(arm, args)}",
                 "trials": args.trials, "seed": seed})
     if arm == "tpe+asha":
@@ -83,6 +90,8 @@ def main() -> int:
     parser.add_argument("--startup", type=int, default=5, help="TPE's random start-up trials")
     parser.add_argument("--seeds", type=int, default=2, help="simulation seeds per trial")
     parser.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's reduction factor (default 3)")
+    parser.add_argument("--report-points", type=int, default=None,
+                        help="budget points each TPE+ASHA trial reports at, i.e. ASHA's steps (default: the spec's 5)")
     parser.add_argument("--concurrency", type=int, default=None, help="trials at once (default: from CPUs)")
     parser.add_argument("--num-cpus", type=int, default=None)
     parser.add_argument("--phantom-videos", type=int, default=32)
@@ -117,7 +126,7 @@ def main() -> int:
                 "best_config": summary["best_config"],
             })
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
-    (work / f"results-trials{args.trials}-rf{args.reduction_factor:g}.json").write_text(json.dumps(runs, indent=1))
+    (work / f"results-trials{args.trials}-rf{args.reduction_factor:g}-rp{args.report_points or 'spec'}.json").write_text(json.dumps(runs, indent=1))
     print(table(runs, args))
     return 0
 
@@ -125,7 +134,8 @@ def main() -> int:
 def table(runs: list[dict], args) -> str:
     lines = [f"Sweep of tuning/specs/tsal.yaml (confidence, correlation_weight, per_round), {args.trials} trials "
              f"per sweep, {args.seeds} simulation seeds per trial, {args.repeats} searcher seeds per arm, ASHA "
-             f"reduction factor {args.reduction_factor:g}.", "",
+             f"reduction factor {args.reduction_factor:g}, {args.report_points or 5} report points "
+             "per TPE+ASHA trial.", "",
              "| arm | searcher seed | best AULC | compute (trial-rounds) | stopped early | wall (s) |",
              "|---|---|---|---|---|---|"]
     for r in runs:

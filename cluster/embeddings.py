@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
@@ -230,17 +229,14 @@ class FrameEmbedder:
     def __init__(self, checkpoint: bytes | None, channels: int, size: int, seed: int, device: str = "cpu") -> None:
         import torch
 
-        from ultrasound.backbone import ResNet18Backbone, load_backbone_weights
+        from ultrasound.backbone import ResNet18Backbone, adopt_weights, read_state
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = ResNet18Backbone(in_channels=channels)
         if checkpoint is not None:
-            with tempfile.NamedTemporaryFile(suffix=".pt") as handle:
-                handle.write(checkpoint)
-                handle.flush()
-                load_backbone_weights(self.model, handle.name)
+            adopt_weights(self.model, read_state(checkpoint), "the --init checkpoint")
         self.model.eval().to(device)
         self.device, self.size, self.channels = device, size, channels
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from cluster.storage import Location, Storage, parse_uri
-from ultrasound.backbone import ResNet18Backbone, adopt_weights
+from ultrasound.backbone import ResNet18Backbone, adopt_weights, read_state
 
 CHECKPOINT_FILE = "state.pt"
 RUN_NAME = "run"
@@ -201,13 +200,6 @@ def load_init_backbone(uri: str, channels: int, storage: Storage | None = None
     location = parse_uri(uri)
     if not location.is_s3 and not os.path.isfile(location.key):
         raise FileNotFoundError(f"--init: no file at {uri}")
-    raw = storage.read_bytes(location)
-    try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # A sonoray training checkpoint may carry more than tensors (history, config objects);
-        # the user named this file, as with restore_state's own checkpoints.
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
     backbone = ResNet18Backbone(in_channels=channels)
-    missing = adopt_weights(backbone, state, uri)
+    missing = adopt_weights(backbone, read_state(storage.read_bytes(location)), uri)
     return backbone.state_dict(), missing

@@ -6,6 +6,8 @@ state dict they obtained themselves (``load_backbone_weights``).
 """
 from __future__ import annotations
 
+import io
+import pickle
 from pathlib import Path
 
 import torch
@@ -57,6 +59,17 @@ def load_backbone_weights(backbone: ResNet18Backbone, path: str | Path) -> list[
     """Load a user-supplied state dict file into ``backbone``; see :func:`adopt_weights`."""
     state = torch.load(Path(path), map_location="cpu", weights_only=True)
     return adopt_weights(backbone, state, str(path))
+
+
+def read_state(raw: bytes) -> object:
+    """A torch-saved object from bytes (a state dict or a checkpoint dict), tensors on CPU.
+
+    Tensors-only files load with ``weights_only``; a sonoray training checkpoint may carry more
+    (history, config objects), which the user chose to hand over, so it loads in full."""
+    try:
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
 
 
 def adopt_weights(backbone: ResNet18Backbone, state: object, source: str) -> list[str]:
