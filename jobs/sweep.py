@@ -8,6 +8,7 @@ without re-running finished trials.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="where results go: a path or s3://bucket/prefix (default: ./sweeps/<SPEC name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep under --out (finished trials are not run again)")
-    p.add_argument("--storage", metavar="SQLALCHEMY_URL", default=None,
-                   help="Optuna study database, e.g. postgresql://user:pw@host/db (default: SQLite "
+    p.add_argument("--storage", metavar="SQLALCHEMY_URL", default=os.environ.get("SONORAY_OPTUNA_STORAGE"),
+                   help="Optuna study database, e.g. postgresql://user@host/db (default: "
+                   "$SONORAY_OPTUNA_STORAGE, which keeps a password off the command line; else SQLite "
                    "OUT/optuna.db; for an s3:// OUT, SQLite in --work-dir, copied to OUT/optuna.db)")
     p.add_argument("--work-dir", default=None,
                    help="local folder of the SQLite study when --out is on S3 (default: "

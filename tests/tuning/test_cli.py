@@ -31,3 +31,15 @@ def test_bad_flags_fail_with_a_message(tmp_path, capsys):
     assert code == 2
     assert "fixed.sizee: unknown argument of job 'simulate' (did you mean 'size'?)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_study_database_comes_from_the_environment_when_no_flag(monkeypatch):
+    from jobs.cli import build_parser
+
+    monkeypatch.setenv("SONORAY_OPTUNA_STORAGE", "postgresql://sweeper@db.internal/optuna")
+    args = build_parser().parse_args(["sweep", "tsal"])
+    assert args.storage == "postgresql://sweeper@db.internal/optuna"
+    args = build_parser().parse_args(["sweep", "tsal", "--storage", "sqlite:///x.db"])
+    assert args.storage == "sqlite:///x.db"  # the flag wins
+    monkeypatch.delenv("SONORAY_OPTUNA_STORAGE")
+    assert build_parser().parse_args(["sweep", "tsal"]).storage is None
