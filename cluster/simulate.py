@@ -339,9 +339,7 @@ class FinetuneModel:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def _net(self):
-        import tempfile
-
-        from ultrasound.backbone import load_backbone_weights
+        from ultrasound.backbone import adopt_weights, read_state
         from ultrasound.msml import MSMLConfig, MSMLNet
 
         c = self.config
@@ -350,10 +348,7 @@ class FinetuneModel:
                           batch_size=c.finetune_batch_size, seed=self.seed)
         net = MSMLNet(msml)
         if self.init_backbone is not None:
-            with tempfile.NamedTemporaryFile(suffix=".pt") as handle:
-                handle.write(self.init_backbone)
-                handle.flush()
-                load_backbone_weights(net.backbone, handle.name)
+            adopt_weights(net.backbone, read_state(self.init_backbone), "the --init checkpoint")
         return net.to(self.device)
 
     def fit(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray):

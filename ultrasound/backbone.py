@@ -2,13 +2,12 @@
 
 USCL (Chen et al., MICCAI 2021) and TSAL's MSML network both start from a torchvision ResNet-18.
 Weights are never downloaded: the backbone is randomly initialised unless the user passes a
-state dict they obtained themselves (``load_backbone_weights``).
+state dict they obtained themselves (:func:`adopt_weights`).
 """
 from __future__ import annotations
 
 import io
 import pickle
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,12 +52,6 @@ class ResNet18Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.feature_map(x)).flatten(1)
-
-
-def load_backbone_weights(backbone: ResNet18Backbone, path: str | Path) -> list[str]:
-    """Load a user-supplied state dict file into ``backbone``; see :func:`adopt_weights`."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    return adopt_weights(backbone, state, str(path))
 
 
 def read_state(raw: bytes) -> object:

@@ -183,7 +183,7 @@ class MSMLNet(nn.Module):
     """ResNet-18 trunk + per-symptom attention head: one logit per finding.
 
     Initialised from ``config.seed`` (the global torch RNG is left untouched). Load a USCL
-    checkpoint into ``backbone`` with :func:`ultrasound.backbone.load_backbone_weights`.
+    checkpoint into ``backbone`` with :func:`ultrasound.backbone.adopt_weights`.
 
     Shape:
         - Input: ``(N, C, H, W)`` float, normalised (see :func:`prepare_images`), H, W >= 32.
