@@ -20,6 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.pocus_s3 import DATA_URI, pocus_in_loopback_s3  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,24 +33,15 @@ def main() -> None:
 
     from cluster.dataset import load_dataset
     from cluster.frames import StreamSpec, drain, frame_stream
-    from cluster.ingest import ingest_videos
     from cluster.runtime import connect
-    from cluster.s3server import LocalS3Server
-    from cluster.storage import Storage, StorageConfig
-    from ultrasound.manifest import parse_pocus
     from ultrasound.video import FrameFormat, FrameSampling, iter_frames, spooled
 
     sampling = FrameSampling(fps=args.fps)
     fmt = FrameFormat(channels=1, size=args.size)
     cpus = os.cpu_count() or 1
 
-    with LocalS3Server() as server:
-        os.environ.update(server.env())
-        storage = Storage(StorageConfig.from_env())
-        records, skipped, findings = parse_pocus(args.pocus)
-        ingest_videos(records, skipped, args.pocus, "s3://bench/pocus", findings, source_format="pocus",
-                      storage=storage)
-        data = load_dataset("s3://bench/pocus", storage)
+    with pocus_in_loopback_s3(args.pocus) as storage:
+        data = load_dataset(DATA_URI, storage)
         client = storage.client()
 
         def single_process_s3() -> tuple[int, float]:

@@ -29,7 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DATA_URI = "s3://bench/pocus"
+from benchmarks.pocus_s3 import DATA_URI, log, pocus_in_loopback_s3  # noqa: E402
+
 RAY_WORKER_NICENESS = 15
 
 
@@ -48,35 +49,22 @@ def main() -> None:
                         help="CPU share of one decode task of the stream (default: pretrain's)")
     args = parser.parse_args()
 
-    import numpy as np
     import ray
-    import torch
 
     from cluster.dataset import load_dataset
     from cluster.frames import frame_stream
-    from cluster.ingest import ingest_videos
     from cluster.pretrain import pretrain, stream_spec
     from cluster.runtime import connect
-    from cluster.s3server import LocalS3Server
-    from cluster.storage import Storage, StorageConfig
     from cluster.train import ScaleSpec
-    from ultrasound.manifest import parse_pocus
     from ultrasound.uscl import USCLConfig
 
-    log = lambda message: print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,
-                                flush=True)  # noqa: E731
     scale = ScaleSpec(workers=1, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker)
     work = Path(tempfile.mkdtemp(prefix="train-throughput-"))
     load_at_start = os.getloadavg()[0]
     report: dict = {"batch_videos": args.batch_videos, "decode_cpus": args.decode_cpus,
                     "cpus_per_worker": args.cpus_per_worker,
                     "channels": args.channels, "epochs": args.epochs, "sizes": {}}
-    with LocalS3Server() as server:
-        os.environ.update(server.env())
-        storage = Storage(StorageConfig.from_env())
-        records, skipped, findings = parse_pocus(args.pocus)
-        ingest_videos(records, skipped, args.pocus, DATA_URI, findings, source_format="pocus",
-                      storage=storage)
+    with pocus_in_loopback_s3(args.pocus) as storage:
         log(connect(num_cpus=os.cpu_count()))
         # Ray runs its workers at niceness 15 (RAY_worker_niceness); the plain loop runs in this
         # process, so it takes the same niceness (after Ray started, which its workers inherit

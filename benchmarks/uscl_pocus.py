@@ -31,9 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.pocus_s3 import DATA_URI, log, pocus_in_loopback_s3  # noqa: E402
+
 CLASSES = ["covid", "pneumonia", "regular"]
 PROBE = "convex"
-DATA_URI = "s3://bench/pocus"
 RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -73,14 +74,10 @@ def main() -> None:
 
     from cluster.dataset import load_dataset
     from cluster.evaluate import HoldoutSpec, evaluation_rows, load_eval_frames
-    from cluster.ingest import ingest_videos
     from cluster.pretrain import pretrain
     from cluster.runtime import connect
-    from cluster.s3server import LocalS3Server
-    from cluster.storage import Storage, StorageConfig
     from cluster.train import ScaleSpec
     from jobs.evaluate import evaluate_summary
-    from ultrasound.manifest import parse_pocus
     from ultrasound.uscl import USCLConfig
 
     methods = [m for m in args.methods.split(",") if m]
@@ -93,18 +90,11 @@ def main() -> None:
     device = "cuda" if args.gpu else "cpu"
     work = args.out or Path(tempfile.mkdtemp(prefix="uscl-pocus-"))
     work = work / time.strftime("%Y%m%d-%H%M%S")
-    log = lambda message: print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,
-                                flush=True)  # noqa: E731
     started = time.perf_counter()
     load_at_start = os.getloadavg()[0]
     timings: dict[str, float] = {}
 
-    with LocalS3Server() as server:
-        os.environ.update(server.env())
-        storage = Storage(StorageConfig.from_env())
-        records, skipped, findings = parse_pocus(args.pocus)
-        ingest_videos(records, skipped, args.pocus, DATA_URI, findings, source_format="pocus",
-                      storage=storage)
+    with pocus_in_loopback_s3(args.pocus) as storage:
         log(connect(num_cpus=os.cpu_count()))
         data = load_dataset(DATA_URI, storage)
         rows, classes = evaluation_rows(data, CLASSES, PROBE)
