@@ -41,6 +41,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.pocus_s3 import log  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 STRATEGIES = ("tsal", "random", "least_margin", "mean_entropy", "lci", "adaptive")
 
@@ -197,26 +199,23 @@ def main() -> None:
                                 "ray_worker_niceness": int(os.environ["RAY_worker_niceness"]),
                                 "load_average_start": load_average()}}
 
-    def note(message: str) -> None:
-        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
     data_uri = str(args.work / "pocus")
     records, skipped, findings = parse_pocus(args.pocus)
     ingest_videos(records, skipped, args.pocus, data_uri, findings, source_format="pocus", storage=storage)
     data = load_dataset(data_uri, storage)
-    note(connect())
+    log(connect())
     cpus = int(cluster_cpus())
     report["machine"]["ray_cpus"] = cpus
 
     spec = SampleSpec(fps=3.0, max_per_video=30, size=args.size, channels=args.channels, init=args.init)
     started = time.perf_counter()
-    table, cached = load_samples(data, spec, parse_uri(str(args.work / "cache")), storage, note)
+    table, cached = load_samples(data, spec, parse_uri(str(args.work / "cache")), storage, log)
     report["embeddings"] = {"frames": len(table), "videos": int(len(set(table.video_id.tolist()))),
                             "findings": list(table.findings), "positives": table.labels.sum(axis=0).tolist(),
                             "trunk": f"USCL checkpoint {args.init}" if args.init else "ResNet-18, random init (seed 0)",
                             "size": args.size, "channels": args.channels, "seconds": round(time.perf_counter() - started, 1),
                             "from_cache": cached}
-    note(f"embeddings: {report['embeddings']}")
+    log(f"embeddings: {report['embeddings']}")
 
     # 2. quality ------------------------------------------------------------------------------
     report["quality"] = {}
@@ -225,7 +224,7 @@ def main() -> None:
         quality = SimulationConfig(strategies=STRATEGIES, seeds=args.seeds, initial=0.05, per_round=0.05,
                                    rounds=args.rounds, embedding_dims=dims)
         started = time.perf_counter()
-        result = simulate_table(table, quality, str(args.work / f"quality-{name}"), storage, on_progress=note)
+        result = simulate_table(table, quality, str(args.work / f"quality-{name}"), storage, on_progress=log)
         seconds = time.perf_counter() - started
         summary = result.report["summary"]
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -253,14 +252,14 @@ def main() -> None:
                 "tsal_20pct_reaches_95pct_of_full": bool(share20 is not None and share20 >= 0.95),
             },
         }
-        note(f"quality {name}: {report['quality'][name]['targets']}")
+        log(f"quality {name}: {report['quality'][name]['targets']}")
         print(result.report["markdown"], file=sys.stderr)
     fast = SimulationConfig(strategies=STRATEGIES, seeds=args.speed_seeds, initial=0.05, per_round=0.05,
                             rounds=args.rounds, embedding_dims=args.fast_dims)
 
     # 3. speed: all CPUs vs serial, same experiments ------------------------------------------------
     if not args.skip_speed:
-        note(f"speed: {len(STRATEGIES) * args.speed_seeds} experiments x {args.rounds + 1} rounds, each way, "
+        log(f"speed: {len(STRATEGIES) * args.speed_seeds} experiments x {args.rounds + 1} rounds, each way, "
              f"{args.speed_repeats} alternating repeats")
         runs: dict[str, list[dict]] = {"ray": [], "serial": []}
         for repeat in range(args.speed_repeats):
@@ -272,7 +271,7 @@ def main() -> None:
                 cpu_before = cpu_snapshot()
                 started = time.perf_counter()
                 r = simulate_table(table, fast, str(out), storage, executor=executor, report=False,
-                                   on_progress=note)
+                                   on_progress=log)
                 seconds = time.perf_counter() - started
                 cpu = cpu_used(cpu_before, cpu_snapshot())
                 assert not r.failed, r.failed
@@ -285,7 +284,7 @@ def main() -> None:
                     "machine_busy_share": round(cpu["machine_busy"] / max(cpu["machine_total"], 1e-9), 3),
                     "others_cpu_seconds": round(cpu["machine_busy"] - cpu["ours"], 1),
                     "load_average_before": load_before})
-                note(f"speed {executor}: {runs[executor][-1]}")
+                log(f"speed {executor}: {runs[executor][-1]}")
         best = {k: max(v, key=lambda run: run["experiments_per_min"]) for k, v in runs.items()}
         ratio = best["ray"]["experiments_per_min"] / best["serial"]["experiments_per_min"]
         report["speed"] = {"runs": runs, "best": best, "embedding_dims": args.fast_dims,
@@ -295,7 +294,7 @@ def main() -> None:
     # ours running): separates the Ray path's own overhead from the CPU other users take
     if not args.skip_probe:
         report["cpu_probe"] = cpu_probe(table, fast, args.work / "probe")
-        note(f"cpu probe: {report['cpu_probe']}")
+        log(f"cpu probe: {report['cpu_probe']}")
 
     # 4. scale --------------------------------------------------------------------------------------
     if not args.skip_scale:
@@ -306,7 +305,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         load_before = load_average()
         started = time.perf_counter()
-        r = simulate_table(table, scale, str(out), storage, report=False, on_progress=note, progress_every_s=30)
+        r = simulate_table(table, scale, str(out), storage, report=False, on_progress=log, progress_every_s=30)
         seconds = time.perf_counter() - started
         started_report = time.perf_counter()
         from cluster.simulate import build_report
@@ -320,7 +319,7 @@ def main() -> None:
                            "report_seconds": round(time.perf_counter() - started_report, 1),
                            "load_average_before": load_before, "load_average_after": load_average(),
                            "aulc": {k: round(v["aulc"], 4) for k, v in built["summary"]["strategies"].items()}}
-        note(f"scale: {report['scale']}")
+        log(f"scale: {report['scale']}")
 
     report["machine"]["load_average_end"] = load_average()
     target = RESULTS / f"{args.results}.json"
