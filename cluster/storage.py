@@ -21,6 +21,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 CONNECT_TIMEOUT_S = 3.0
+# A GET that fails for a transient reason (503, throttling, a dropped connection) is tried this
+# many times in all, with the SDKs' standard exponential backoff, before the video counts as failed.
+MAX_ATTEMPTS = 5
 
 
 class StorageError(RuntimeError):
@@ -100,7 +103,7 @@ def _boto3_client(config: StorageConfig):
         config=Config(
             connect_timeout=CONNECT_TIMEOUT_S,
             read_timeout=60,
-            retries={"max_attempts": 2, "mode": "standard"},
+            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
         ),
     )
 
@@ -111,7 +114,7 @@ def _s3_filesystem(config: StorageConfig) -> pafs.S3FileSystem:
         "region": config.region or "us-east-1",
         "connect_timeout": CONNECT_TIMEOUT_S,
         "request_timeout": 60,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
     }
     if config.endpoint_url:
         # pyarrow ignores AWS_ENDPOINT_URL: the endpoint must be passed explicitly.
