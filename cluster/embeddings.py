@@ -55,6 +55,8 @@ class SampleSpec:
         workers: maximum embedding actors (``None``: one per CPU left after the decoders, or
             one per GPU with ``gpu``).
         gpu: embed on GPUs (one per actor).
+        frame_cache: read (and fill) the decoded-frame cache beside the data set; not part of
+            the table's key (cached frames equal decoded ones).
     """
 
     kind: str = "embeddings"
@@ -67,6 +69,7 @@ class SampleSpec:
     batch_size: int = 32
     workers: int | None = None
     gpu: bool = False
+    frame_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -174,6 +177,7 @@ def compute_samples(data: IngestedDataset, spec: SampleSpec, key: str, checkpoin
         sampling=FrameSampling(fps=spec.fps, max_per_video=spec.max_per_video),
         fmt=FrameFormat(channels=spec.channels, size=spec.size),
         cpus_per_task=0.5,
+        cache=spec.frame_cache,
     )
     stream = frame_stream(data, stream_spec)
     ds = stream.dataset

@@ -152,13 +152,13 @@ class EvalFrames:
 def load_eval_frames(data: IngestedDataset, rows: Sequence[Mapping[str, Any]],
                      classes: Sequence[str], *, image_size: int, channels: int,
                      fps: float = POCUS_FPS, max_per_video: int | None = POCUS_MAX_PER_VIDEO,
-                     cpus_per_task: float = StreamSpec.cpus_per_task) -> EvalFrames:
+                     cpus_per_task: float = StreamSpec.cpus_per_task, cache: bool = True) -> EvalFrames:
     """Stream the frames of ``rows`` (``fps`` per second, at most ``max_per_video``) resized to
     ``image_size`` through Ray Data, and collect them on the driver, sorted by video and frame."""
     subset = data.select([r["video_id"] for r in rows])
     spec = StreamSpec(sampling=FrameSampling(fps=fps, max_per_video=max_per_video),
                       fmt=FrameFormat(channels=channels, size=image_size), mode="frames",
-                      seed=0, cpus_per_task=cpus_per_task)
+                      seed=0, cpus_per_task=cpus_per_task, cache=cache)
     stream = frame_stream(subset, spec)
     columns = stream.dataset.select_columns(["video_id", "frame_index", "image"])
     ids, index, images = [], [], []

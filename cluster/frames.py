@@ -1,10 +1,14 @@
 """Frame streaming: manifest + video objects -> Ray Data -> decoded, sampled, resized frames.
 
-One Ray Data task per video fetches the object's bytes through pyarrow's filesystem, decodes it
-with OpenCV (ultrasound/video.py) and yields frames in small batches, so a video is never held
-decoded in memory and nothing is copied to local disk beyond one spooled video in /dev/shm.
-A video that cannot be read or decoded is recorded in a ``FailureLog`` actor (key + reason) and
-skipped; the stream goes on.
+One Ray Data task per video (one CPU each, so no more decode workers start than there are
+cores) reads that video's frames from the decoded-frame cache (``cluster.cache``) when its shard
+exists; otherwise it fetches the object's bytes through pyarrow's filesystem, decodes them in
+memory with PyAV (``ultrasound.video.decode_bytes``; OpenCV as the fallback), writes the shard, and
+yields the frames in batches. Random per-video picks (USCL clips) are drawn from the cached frames
+on every pass. With ``--no-cache`` (``StreamSpec(cache=False)``) frames are decoded and streamed one
+by one, never held whole. A video that cannot be read or decoded is recorded in the stream's
+:class:`StreamLog` actor (key + reason) and skipped; the stream goes on, and training jobs read the
+log after every epoch (``cluster.train.check_epoch_inputs``).
 
 Rows (``mode="frames"``): video_id, patient_id, key, label, frame_index (int64), timestamp
 (float64 s), findings (float32, one per finding), image (uint8 ``(S, S, C)``).
@@ -23,15 +27,24 @@ from pathlib import PurePosixPath
 import numpy as np
 import ray
 
+from cluster.cache import (
+    CACHE_FOLDER,
+    CacheError,
+    CacheLocation,
+    Shard,
+    base_sampling,
+    decode_shard,
+    encode_shard,
+    write_spec,
+)
 from cluster.dataset import IngestedDataset
-from cluster.storage import Storage, StorageConfig
+from cluster.storage import Location, Storage, StorageConfig, parse_uri
 from ultrasound.video import (
     DEFAULT_MAX_DECODED_BYTES,
     FrameFormat,
     FrameSampling,
     VideoError,
-    iter_frames,
-    spooled,
+    decode_bytes,
 )
 
 FRAMES_PER_BATCH = 128
@@ -40,16 +53,22 @@ BATCH_BYTES = 8 * 1024**2  # a yielded batch closes at 128 frames or 8 MiB, whic
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What the stream yields. ``seed=None`` re-samples randomly on every pass (every epoch);
-    a seed makes per-video random picks reproducible."""
+    """What the stream yields.
+
+    ``seed=None`` re-samples random per-video picks on every pass (every epoch); a seed makes them
+    reproducible. ``order_seed`` visits the videos in a seeded random order instead of the
+    manifest's (which is often sorted by class and patient). ``cache`` reads and fills the
+    decoded-frame cache beside the data set (``cluster.cache``).
+    """
 
     sampling: FrameSampling = field(default_factory=FrameSampling)
     fmt: FrameFormat = field(default_factory=FrameFormat)
     mode: str = "frames"  # or "clips"
     seed: int | None = None
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
-    # Several decodes per CPU: while one task waits on its object fetch, another decodes.
-    cpus_per_task: float = 0.25
+    cpus_per_task: float = 1.0
+    cache: bool = True
+    order_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("frames", "clips"):
@@ -59,17 +78,37 @@ class StreamSpec:
 
 
 @ray.remote(num_cpus=0)
-class FailureLog:
-    """Collects (key, reason) for videos the stream skipped."""
+class StreamLog:
+    """What a stream did, over every pass: the videos it skipped (key + reason), the cache's hits
+    and builds, and an abort message a training loop leaves for its driver."""
 
     def __init__(self) -> None:
         self._items: list[dict] = []
+        self._cache = {"hits": 0, "built": 0, "rebuilt": 0, "bytes_read": 0, "bytes_written": 0,
+                       "write_errors": 0}
+        self._abort: str | None = None
 
     def record(self, key: str, reason: str) -> None:
         self._items.append({"key": key, "reason": reason})
 
     def items(self) -> list[dict]:
         return list(self._items)
+
+    def cache_event(self, kind: str, nbytes: int = 0) -> None:
+        self._cache[kind] += 1
+        self._cache["bytes_read" if kind == "hits" else "bytes_written"] += int(nbytes)
+
+    def cache_stats(self) -> dict:
+        return dict(self._cache)
+
+    def abort(self, message: str) -> None:
+        self._abort = self._abort or message
+
+    def aborted(self) -> str | None:
+        return self._abort
+
+
+FailureLog = StreamLog  # the name older code and tests use
 
 
 def _video_rng(spec: StreamSpec, video_id: str) -> np.random.Generator:
@@ -79,29 +118,81 @@ def _video_rng(spec: StreamSpec, video_id: str) -> np.random.Generator:
     return np.random.default_rng([digest, spec.seed])
 
 
-def _decode_video_batches(batch: dict, *, spec: StreamSpec, storage_config: StorageConfig,
-                          root_uri: str, failures, n_findings: int):
-    """Ray Data map_batches generator: one manifest row in, batches of frames out."""
-    from cluster.storage import parse_uri
+def _read_shard(storage: Storage, location: Location, sha256: str, log) -> Shard | None:
+    """The cached shard, or None when it is missing or cannot be trusted (then it is rebuilt)."""
+    try:
+        data = storage.read_bytes(location)
+    except (OSError, RuntimeError):
+        if not storage.exists(location):
+            return None
+        raise
+    try:
+        shard = decode_shard(data, sha256)
+    except CacheError:
+        log.cache_event.remote("rebuilt")
+        return None
+    log.cache_event.remote("hits", len(data))
+    return shard
 
+
+def _build_shard(storage: Storage, location: Location, meta: dict, frames: list, log) -> Shard:
+    """Cache one video's decoded frames; a failed write leaves the stream going (counted)."""
+    try:
+        data = encode_shard(frames, str(meta["video_id"]), str(meta["sha256"]))
+        storage.write_bytes(location, data)
+        log.cache_event.remote("built", len(data))
+    except (OSError, RuntimeError, CacheError):
+        log.cache_event.remote("write_errors")
+    return Shard(np.array([f[0] for f in frames], dtype=np.int64), np.array([f[1] for f in frames]),
+                 np.stack([f[2] for f in frames]))
+
+
+def _video_frames(meta: dict, spec: StreamSpec, storage: Storage, root: Location, cache: CacheLocation | None,
+                  log):
+    """The sampled ``(frame_index, timestamp, image)`` of one video: from its cache shard when
+    there is one, else decoded from the object (and cached)."""
+    key = str(meta["key"])
+    rng = _video_rng(spec, str(meta["video_id"]))
+    decode = dict(max_decoded_bytes=spec.max_decoded_bytes, frame_count=int(meta["frame_count"]) or None,
+                  fps=float(meta["fps"]) or None)
+    suffix = PurePosixPath(key).suffix or ".bin"
+    if cache is None:
+        return decode_bytes(storage.read_bytes(root.join(key)), suffix, spec.sampling, spec.fmt, rng=rng, **decode)
+    location = cache.shard(str(meta["sha256"]))
+    shard = _read_shard(storage, location, str(meta["sha256"]), log)
+    if shard is None:
+        frames = list(decode_bytes(storage.read_bytes(root.join(key)), suffix, base_sampling(spec.sampling),
+                                   spec.fmt, **decode))
+        if not frames:
+            raise VideoError("no frame could be decoded")
+        shard = _build_shard(storage, location, meta, frames, log)
+    rows = None
+    if spec.sampling.per_video is not None:  # the shard holds every frame: draw this pass's picks
+        rows = spec.sampling.select(len(shard.frame_index), float(meta["fps"]), rng)
+    return shard.frames(rows)
+
+
+_META_COLUMNS = ("video_id", "patient_id", "key", "label")
+
+
+def _decode_video_batches(batch: dict, *, spec: StreamSpec, storage_config: StorageConfig,
+                          root_uri: str, log, n_findings: int, cache_key: str | None):
+    """Ray Data map_batches generator: one manifest row in, batches of frames out."""
     storage = Storage(storage_config)
     root = parse_uri(root_uri)
+    cache = CacheLocation(root.join(CACHE_FOLDER, cache_key), cache_key) if cache_key else None
     for i in range(len(batch["video_id"])):
-        meta = {name: batch[name][i] for name in ("video_id", "patient_id", "key", "label")}
+        meta = {name: batch[name][i] for name in (*_META_COLUMNS, "frame_count", "fps", "sha256")}
         findings = np.asarray(batch["findings"][i], dtype=np.float32).reshape(n_findings)
-        key = str(meta["key"])
+        labels = {name: meta[name] for name in _META_COLUMNS}
         try:
-            data = storage.read_bytes(root.join(key))
-            with spooled(data, PurePosixPath(key).suffix or ".bin") as path:
-                frames = iter_frames(path, spec.sampling, spec.fmt, rng=_video_rng(spec, str(meta["video_id"])),
-                                     max_decoded_bytes=spec.max_decoded_bytes,
-                                     frame_count=int(batch["frame_count"][i]))
-                if spec.mode == "clips":
-                    yield _clip_batch(list(frames), meta, findings, spec.sampling.per_video)
-                else:
-                    yield from _frame_batches(frames, meta, findings)
-        except (VideoError, OSError, RuntimeError) as err:
-            ray.get(failures.record.remote(key, str(err)))
+            frames = _video_frames(meta, spec, storage, root, cache, log)
+            if spec.mode == "clips":
+                yield _clip_batch(list(frames), labels, findings, spec.sampling.per_video)
+            else:
+                yield from _frame_batches(frames, labels, findings)
+        except (VideoError, CacheError, OSError, RuntimeError) as err:
+            ray.get(log.record.remote(str(meta["key"]), str(err)))
 
 
 def _frame_batches(frames, meta: dict, findings: np.ndarray):
@@ -142,22 +233,45 @@ def _clip_batch(frames: list, meta: dict, findings: np.ndarray, k: int) -> dict:
 
 @dataclass
 class FrameStream:
-    """A lazy Ray Dataset of frames plus the log of videos it skipped."""
+    """A lazy Ray Dataset of frames plus the log of what it did (skipped videos, cache use)."""
 
     dataset: ray.data.Dataset
-    failures: ray.actor.ActorHandle
+    log: ray.actor.ActorHandle
     n_videos: int
     findings: list[str]
+    cache_uri: str | None = None
+
+    @property
+    def failures(self) -> ray.actor.ActorHandle:
+        return self.log
 
     def failed(self) -> list[dict]:
-        return ray.get(self.failures.items.remote())
+        """Every (key, reason) recorded, over every pass (an epoch that re-reads a failing video
+        records it again)."""
+        return ray.get(self.log.items.remote())
+
+    def skipped_videos(self) -> list[dict]:
+        """One entry per failed video: key, its last reason, and how many passes skipped it."""
+        return summarise_failures(self.failed())
+
+    def cache_stats(self) -> dict:
+        return ray.get(self.log.cache_stats.remote())
+
+    def aborted(self) -> str | None:
+        return ray.get(self.log.aborted.remote())
 
 
-def frame_stream(data: IngestedDataset, spec: StreamSpec) -> FrameStream:
-    """Build the lazy pipeline over every video of ``data`` (filter with ``data.select``)."""
-    rows = data.rows
-    if not rows:
-        raise ValueError(f"{data.root.uri}: the data set holds no video")
+def summarise_failures(items: list[dict]) -> list[dict]:
+    by_key: dict[str, dict] = {}
+    for item in items:
+        entry = by_key.setdefault(item["key"], {"key": item["key"], "reason": item["reason"], "times": 0})
+        entry["reason"] = item["reason"]
+        entry["times"] += 1
+    return sorted(by_key.values(), key=lambda e: e["key"])
+
+
+def stream_items(data: IngestedDataset, order_seed: int | None = None) -> list[dict]:
+    """One input row per video, in manifest order or (``order_seed``) a seeded random order."""
     findings = data.finding_matrix()
     items = [
         {
@@ -166,11 +280,35 @@ def frame_stream(data: IngestedDataset, spec: StreamSpec) -> FrameStream:
             "key": r["key"],
             "label": r.get("label") or "",
             "findings": findings[i],
-            "frame_count": int(r["frame_count"]),
+            "frame_count": int(r.get("frame_count") or 0),
+            "fps": float(r.get("fps") or 0.0),
+            "sha256": str(r.get("sha256") or ""),
         }
-        for i, r in enumerate(rows)
+        for i, r in enumerate(data.rows)
     ]
-    failures = FailureLog.remote()
+    if order_seed is not None:
+        order = np.random.default_rng(order_seed).permutation(len(items))
+        items = [items[i] for i in order]
+    return items
+
+
+def frame_stream(data: IngestedDataset, spec: StreamSpec) -> FrameStream:
+    """Build the lazy pipeline over every video of ``data`` (filter with ``data.select``)."""
+    if not data.rows:
+        raise ValueError(f"{data.root.uri}: the data set holds no video")
+    items = stream_items(data, spec.order_seed)
+    cache = None
+    if spec.cache:
+        if any(not item["sha256"] for item in items):
+            raise ValueError(f"{data.root.uri}: the manifest lacks sha256 for some videos, so their frames "
+                             f"cannot be cached: re-ingest, or pass --no-cache")
+        cache = CacheLocation.of(data.root, spec.sampling, spec.fmt)
+        try:
+            write_spec(data.storage, cache, spec.sampling, spec.fmt)
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"cannot write the frame cache under {cache.root.uri} ({err}): "
+                             f"pass --no-cache to decode without it") from err
+    log = StreamLog.remote()
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _decode_video_batches,
         batch_size=1,
@@ -179,11 +317,12 @@ def frame_stream(data: IngestedDataset, spec: StreamSpec) -> FrameStream:
             spec=spec,
             storage_config=data.storage.config,
             root_uri=data.root.uri,
-            failures=failures,
+            log=log,
             n_findings=len(data.findings),
+            cache_key=cache.key if cache else None,
         ),
     )
-    return FrameStream(ds, failures, len(items), list(data.findings))
+    return FrameStream(ds, log, len(items), list(data.findings), cache.root.uri if cache else None)
 
 
 @dataclass
@@ -194,10 +333,11 @@ class StreamSummary:
     seconds: float
     failed: list[dict]
     frames_per_video: dict[str, int]
+    cache: dict | None = None
 
     def as_dict(self) -> dict:
         return {"videos": self.videos, "frames": self.frames,
-                "frames_per_s": round(self.frames_per_s, 1), "failed": self.failed}
+                "frames_per_s": round(self.frames_per_s, 1), "failed": self.failed, "cache": self.cache}
 
 
 def drain(stream: FrameStream, limit: int | None = None, on_progress=None) -> StreamSummary:
@@ -223,4 +363,5 @@ def drain(stream: FrameStream, limit: int | None = None, on_progress=None) -> St
     return StreamSummary(
         videos=len(counts), frames=total, frames_per_s=total / seconds if seconds > 0 else 0.0,
         seconds=seconds, failed=stream.failed(), frames_per_video=counts,
+        cache={"uri": stream.cache_uri, **stream.cache_stats()} if stream.cache_uri else None,
     )

@@ -39,12 +39,17 @@ from cluster.frames import StreamSpec, frame_stream
 from cluster.storage import Location, Storage, parse_uri
 from cluster.train import (
     CHECKPOINT_FILE,
+    MAX_FAILED_FRACTION,
     RUN_NAME,
     ScaleSpec,
     TrainingError,
+    check_epoch_inputs,
     dataset_shard,
+    epoch_batches,
     export_final,
     fit,
+    raise_if_aborted,
+    stop_run,
     load_init_backbone,
     prepare_model,
     report_epoch,
@@ -71,7 +76,7 @@ from ultrasound.video import FrameFormat, FrameSampling
 RUN_FILE = "msml_run.json"  # config + split of the run under --out, read back by --resume
 REPORT_FILE = "report.json"
 GRADCAM_FOLDER = "gradcam"
-SHUFFLE_BUFFER_FRAMES = 256
+SHUFFLE_BUFFER_FRAMES = 1024  # frames of several videos meet in a batch (the stream yields a video's frames together)
 KEEP_CHECKPOINTS = 2  # resuming needs the last; one more in case the last write was cut short
 
 
@@ -225,6 +230,7 @@ def msml_train_loop(loop_config: dict) -> None:
     start = int(restored["epoch"]) if restored else 0
     per_worker_batch = max(2, config.batch_size // ctx.world_size)
     shard = dataset_shard("train")
+    log, seen = loop_config.get("stream_log"), 0
 
     def state(epoch: int) -> dict:
         return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -240,9 +246,8 @@ def msml_train_loop(loop_config: dict) -> None:
         began = time.perf_counter()
         augment = np.random.default_rng([config.seed, epoch, ctx.rank])
         total, count = 0.0, 0
-        for batch in shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy",
-                                        local_shuffle_buffer_size=SHUFFLE_BUFFER_FRAMES,
-                                        local_shuffle_seed=config.seed * 100_003 + epoch):
+        for batch in epoch_batches(shard, per_worker_batch, seed=config.seed, epoch=epoch,
+                                   shuffle_rows=SHUFFLE_BUFFER_FRAMES):
             images = np.array(batch["image"])  # a writable copy: torch refuses read-only arrays
             if len(images) < 2:  # BatchNorm needs two samples; every rank sees the same sizes
                 continue
@@ -252,7 +257,14 @@ def msml_train_loop(loop_config: dict) -> None:
             total += loss * len(images)
             count += len(images)
         total, count = _sum_over_ranks(total, count, ctx)
-        metrics = {"epoch": epoch + 1, "loss": total / max(count, 1), "frames": int(count)}
+        inputs = check_epoch_inputs(log, seen, int(loop_config.get("n_videos", 0)), int(count),
+                                    epoch + 1, float(loop_config.get("max_failed_fraction", 1.0)))
+        seen = inputs.seen
+        if inputs.abort:
+            stop_run(log, f"msml: {inputs.abort}", ctx.rank)
+            return
+        metrics = {"epoch": epoch + 1, "loss": total / count, "frames": int(count),
+                   "skipped_videos": inputs.skipped}
         if ctx.rank == 0:
             probs = msml_predict(unwrap(model), validation.images, config.image_size)
             report = validation_report(validation.targets, probs, findings, loop_config["trained"])
@@ -295,6 +307,8 @@ class MSMLRunOptions:
     init_uri: str | None = None
     resume: bool = False
     gradcam: int = 6
+    cache: bool = True
+    max_failed_fraction: float = MAX_FAILED_FRACTION
 
 
 def run_msml(
@@ -337,12 +351,14 @@ def run_msml(
     fmt = FrameFormat(channels=config.channels, size=config.image_size)
     cpus_per_task = 1.0 if options.scale.gpu else 0.5
     val_spec = StreamSpec(sampling=FrameSampling(fps=options.fps, max_per_video=_cap(options)), fmt=fmt,
-                          seed=config.seed, cpus_per_task=cpus_per_task)
+                          seed=config.seed, cpus_per_task=cpus_per_task, cache=options.cache)
     validation = materialise_frames(val_data, val_spec)
     on_progress(f"msml: {len(validation)} validation frames in memory")
     train_spec = StreamSpec(sampling=FrameSampling(fps=options.fps, max_per_video=options.max_per_video),
-                            fmt=fmt, seed=config.seed, cpus_per_task=cpus_per_task)
-    train_stream = frame_stream(train_data, train_spec).dataset.select_columns(["image", "findings"])
+                            fmt=fmt, seed=config.seed, cpus_per_task=cpus_per_task, cache=options.cache,
+                            order_seed=config.seed)
+    stream = frame_stream(train_data, train_spec)
+    train_stream = stream.dataset.select_columns(["image", "findings"])
 
     loop_config = {
         "config": config.to_dict(),
@@ -351,12 +367,16 @@ def run_msml(
         "split": split.as_dict(),
         "validation": ray.put(validation),
         "init_backbone": None if backbone_state is None else ray.put(backbone_state),
+        "stream_log": stream.log,
+        "n_videos": len(train_data.rows),
+        "max_failed_fraction": float(options.max_failed_fraction),
     }
     on_progress(f"msml: training {config.epochs} epochs on {options.scale.workers} worker(s)"
                 f"{' with GPUs' if options.scale.gpu else ''}, writing to {out.uri}")
     result = fit(msml_train_loop, loop_config, {"train": train_stream}, out.uri, options.scale,
                  resume=options.resume, storage=storage, keep_checkpoints=KEEP_CHECKPOINTS)
-
+    raise_if_aborted(stream, out.uri)
+    skipped = stream.skipped_videos()
     if result.checkpoint is None:
         raise TrainingError(f"training under {out.uri} produced no checkpoint")
     with result.checkpoint.as_directory() as folder:
@@ -369,7 +389,7 @@ def run_msml(
     report = validation_report(validation.targets, probs, list(config.findings), trained)
     report.update(epochs=int(final["epoch"]), config=config.to_dict(), split=split.as_dict(),
                   positive_weights=dict(zip(config.findings, weights.weights.tolist())),
-                  init=options.init_uri, init_missing=init_missing)
+                  init=options.init_uri, init_missing=init_missing, skipped_videos=skipped)
     report_uri = out.join(REPORT_FILE)
     storage.write_bytes(report_uri, json.dumps(report, indent=1).encode())
     gradcams = save_gradcams(model, validation, probs, report, config, out.join(GRADCAM_FOLDER), storage,
@@ -392,6 +412,8 @@ def run_msml(
         "report": report_uri.uri,
         "gradcam": gradcams,
         "init_missing": init_missing,
+        "skipped_videos_per_epoch": [int(h.get("skipped_videos", 0)) for h in history],
+        "skipped_videos": skipped,
     }
 
 

@@ -41,12 +41,17 @@ from cluster.evaluate import HoldoutSpec
 from cluster.frames import StreamSpec, frame_stream
 from cluster.storage import Storage, parse_uri
 from cluster.train import (
+    MAX_FAILED_FRACTION,
     RUN_NAME,
     ScaleSpec,
     TrainingError,
+    check_epoch_inputs,
     dataset_shard,
+    epoch_batches,
     export_final,
     fit,
+    raise_if_aborted,
+    stop_run,
     prepare_model,
     report_epoch,
     restore_state,
@@ -111,6 +116,8 @@ class PretrainResult:
     images_per_s: float
     classes: list[str]
     labelled_video_ids: list[str]
+    skipped_videos: list[dict] = field(default_factory=list)
+    cache: dict | None = None
 
     def as_json(self) -> dict:
         """The job's --json object."""
@@ -118,6 +125,9 @@ class PretrainResult:
             "epochs": len(self.history),
             "loss": [round(float(h["loss"]), 6) for h in self.history],
             "images_per_s": round(self.images_per_s, 2),
+            "skipped_videos_per_epoch": [int(h.get("skipped_videos", 0)) for h in self.history],
+            "skipped_videos": self.skipped_videos,
+            "cache": self.cache,
             "checkpoint": self.checkpoint_uri,
             "classes": self.classes,
             "labelled_videos": len(self.labelled_video_ids),
@@ -153,12 +163,13 @@ def default_decode_cpus(scale: ScaleSpec, cluster_cpus: float) -> float:
     return max(0.25, min(1.0, left))
 
 
-def stream_spec(cfg: USCLConfig, decode_cpus: float) -> StreamSpec:
-    """Clips of ``frames_per_video`` frames at the model size, re-sampled every epoch."""
+def stream_spec(cfg: USCLConfig, decode_cpus: float, cache: bool = True) -> StreamSpec:
+    """Clips of ``frames_per_video`` frames at the model size, re-sampled every epoch (from the
+    decoded-frame cache unless ``cache`` is off), videos visited in an order seeded by ``cfg.seed``."""
     return StreamSpec(
         sampling=FrameSampling(per_video=cfg.frames_per_video),
         fmt=FrameFormat(channels=cfg.channels, size=cfg.image_size),
-        mode="clips", seed=None, cpus_per_task=decode_cpus)
+        mode="clips", seed=None, cpus_per_task=decode_cpus, cache=cache, order_seed=cfg.seed)
 
 
 def pretrain(
@@ -167,6 +178,7 @@ def pretrain(
     init_state: Mapping[str, torch.Tensor] | None = None, resume: bool = False,
     storage: Storage | None = None, loop_extras: Mapping[str, Any] | None = None,
     datasets: Mapping[str, ray.data.Dataset] | None = None, decode_cpus: float | None = None,
+    cache: bool = True, max_failed_fraction: float = MAX_FAILED_FRACTION,
 ) -> PretrainResult:
     """Pretrain on every video of ``data``; returns the per-epoch history and ``<out>/model.pt``.
 
@@ -180,6 +192,8 @@ def pretrain(
         datasets: replaces the frame stream (``{"train": ds}`` with columns frames, n_frames,
             video_id); for benchmarks.
         decode_cpus: CPU share of one decode task (default: :func:`default_decode_cpus`).
+        cache: read (and fill) the decoded-frame cache beside the data set.
+        max_failed_fraction: stop when an epoch loses more than this share of the videos.
     """
     storage = storage or Storage()
     if cfg.batch_videos < scale.workers:
@@ -197,10 +211,11 @@ def pretrain(
             "holdout": holdout.as_dict() if holdout else None, "data": data.root.uri}
     storage.check(out, create_bucket=True)
     storage.write_bytes(out.join(RUN_SPEC_FILE), json.dumps(spec, indent=1).encode())
+    stream = None
     if datasets is None:
         if decode_cpus is None:
             decode_cpus = default_decode_cpus(scale, float(ray.cluster_resources().get("CPU", 1)))
-        stream = frame_stream(data, stream_spec(cfg, decode_cpus))
+        stream = frame_stream(data, stream_spec(cfg, decode_cpus, cache))
         datasets = {"train": stream.dataset.select_columns(["video_id", "frames", "n_frames"])}
     loop_config = {
         "uscl": cfg.to_dict(),
@@ -209,16 +224,23 @@ def pretrain(
         "holdout": spec["holdout"],
         "run_id": uuid.uuid4().hex[:12],  # tells this invocation's epochs from a resumed one's
         "init_state": ray.put(dict(init_state)) if init_state is not None else None,
+        "stream_log": stream.log if stream is not None else None,
+        "n_videos": len(data.rows),
+        "max_failed_fraction": float(max_failed_fraction),
         **dict(loop_extras or {}),
     }
     result = fit(pretrain_loop, loop_config, dict(datasets), out_uri, scale, resume=resume,
                  storage=storage, keep_checkpoints=KEEP_CHECKPOINTS)
+    raise_if_aborted(stream, out.uri)
     with result.checkpoint.as_directory() as folder:
         final = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
     history = list(final["history"])
     uri = export_final(result, out_uri, history, storage=storage, exclude=("optimizer",))
+    skipped = stream.skipped_videos() if stream is not None else []
+    storage.write_bytes(out.join(RUN_SPEC_FILE), json.dumps({**spec, "skipped_videos": skipped}, indent=1).encode())
     return PretrainResult(history, uri, steady_images_per_s(history), list(final["classes"]),
-                          list(final["labelled_video_ids"]))
+                          list(final["labelled_video_ids"]), skipped,
+                          stream.cache_stats() if stream is not None and stream.cache_uri else None)
 
 
 # -- inside a worker ---------------------------------------------------------------------------
@@ -273,6 +295,7 @@ def pretrain_loop(config: dict) -> None:
     class_of: dict[str, int] = config["class_of"]
     local_batch = max(1, cfg.batch_videos // ctx.world_size)
     shard = dataset_shard("train")
+    log, seen = config.get("stream_log"), 0
     for epoch in range(start, cfg.epochs):
         _maybe_crash(config, ctx.rank, ctx.world_size, epoch)
         lr = lr_at_epoch(epoch, cfg)
@@ -280,8 +303,8 @@ def pretrain_loop(config: dict) -> None:
         rng = np.random.default_rng([cfg.seed, ctx.rank, epoch])
         loss_sum, steps, images = 0.0, 0, 0
         began = time.perf_counter()
-        for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy",
-                                        drop_last=False):
+        for batch in epoch_batches(shard, local_batch, seed=cfg.seed, epoch=epoch,
+                                   shuffle_rows=2 * local_batch):
             n = len(batch["n_frames"])
             if n * ctx.world_size < 2:  # NT-Xent needs a negative; shards are equal, so every
                 continue                # rank skips the same step
@@ -296,11 +319,18 @@ def pretrain_loop(config: dict) -> None:
         seconds = time.perf_counter() - began
         loss_sum, steps, images = _all_reduce([loss_sum, float(steps), float(images)], ctx.device)
         (seconds,) = _all_reduce([seconds], ctx.device, op="max")
+        inputs = check_epoch_inputs(log, seen, int(config.get("n_videos", 0)), int(steps), epoch + 1,
+                                    float(config.get("max_failed_fraction", 1.0)))
+        seen = inputs.seen
+        if inputs.abort:
+            stop_run(log, f"pretrain: {inputs.abort}", ctx.rank)
+            return
         metrics = {
             "epoch": epoch,
-            "loss": loss_sum / steps if steps else float("nan"),
+            "loss": loss_sum / steps,
             "images_per_s": images / seconds if seconds > 0 else 0.0,
             "lr": lr,
+            "skipped_videos": inputs.skipped,
         }
         history.append({**metrics, "seconds": seconds, "session_start": start,
                         "run_id": config["run_id"]})
@@ -316,10 +346,11 @@ def pretrain_loop(config: dict) -> None:
         }
         report_epoch(metrics, state, ctx.rank)
         if ctx.rank == 0:  # the worker's stderr reaches the driver's (print would log it twice)
+            skipped = f", {inputs.skipped} video(s) skipped" if inputs.skipped else ""
             sys.stderr.write(f"pretrain: epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f} "
-                             f"{metrics['images_per_s']:.1f} images/s lr {lr:.2e}\n")
+                             f"{metrics['images_per_s']:.1f} images/s lr {lr:.2e}{skipped}\n")
             sys.stderr.flush()
     if restored is not None and start >= cfg.epochs:  # resumed a finished run: nothing to train,
         last = restored["history"][-1]               # report its state again so it is the result
-        report_epoch({k: last[k] for k in ("epoch", "loss", "images_per_s", "lr")}, restored,
+        report_epoch({k: last[k] for k in ("epoch", "loss", "images_per_s", "lr") if k in last}, restored,
                      ctx.rank)

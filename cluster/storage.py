@@ -244,6 +244,24 @@ class Storage:
     def read_parquet(self, location: Location) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(location)))
 
+    def list_sizes(self, location: Location) -> list[tuple[str, int]]:
+        """``(path relative to location, size in bytes)`` of every file below it."""
+        fs = self.filesystem(location)
+        selector = pafs.FileSelector(location.fs_path, recursive=True, allow_not_found=True)
+        base = location.fs_path.rstrip("/") + "/"
+        return sorted((info.path[len(base):], int(info.size or 0)) for info in fs.get_file_info(selector)
+                      if info.type == pafs.FileType.File)
+
+    def delete(self, location: Location) -> None:
+        """Remove one file or object (nothing when it is already gone)."""
+        fs = self.filesystem(location)
+        try:
+            fs.delete_file(location.fs_path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise self._wrap(err, f"deleting {location.uri}") if location.is_s3 else err
+
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()

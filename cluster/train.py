@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster.storage import Location, Storage, parse_uri
@@ -27,6 +28,7 @@ from ultrasound.backbone import ResNet18Backbone, adopt_weights, read_state
 
 CHECKPOINT_FILE = "state.pt"
 RUN_NAME = "run"
+MAX_FAILED_FRACTION = 0.1  # a job stops when more than this share of its videos cannot be read
 
 
 class TrainingError(RuntimeError):
@@ -102,6 +104,7 @@ def fit(
             callbacks=tune_report_callbacks(),
         ),
         datasets=datasets,
+        dataset_config=ordered_data_config(),
     )
     try:
         result = trainer.fit()
@@ -110,6 +113,14 @@ def fit(
     if result.error:
         raise TrainingError(f"training run under {out.uri} failed: {result.error}")
     return result
+
+
+def ordered_data_config() -> DataConfig:
+    """Train's default ingest options with the stream's order preserved, so that a seeded epoch
+    order (``epoch_batches``) is the same on every run with one worker."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
 
 
 def tune_report_callbacks() -> list:
@@ -203,3 +214,69 @@ def load_init_backbone(uri: str, channels: int, storage: Storage | None = None
     backbone = ResNet18Backbone(in_channels=channels)
     missing = adopt_weights(backbone, read_state(storage.read_bytes(location)), uri)
     return backbone.state_dict(), missing
+
+
+# -- epochs: order and inputs ------------------------------------------------------------------
+def epoch_batches(shard, batch_size: int, *, seed: int, epoch: int, shuffle_rows: int,
+                  drop_last: bool = False):
+    """This epoch's batches (numpy dicts) of ``shard``, in a fresh order seeded by (seed, epoch).
+
+    The stream visits videos in a seeded random order (``StreamSpec.order_seed``) rather than the
+    manifest's, and a local shuffle buffer of ``shuffle_rows`` rows, seeded per epoch, changes
+    which rows meet in a batch from one epoch to the next. With one worker (stream order
+    preserved, :func:`ordered_data_config`) the batches are the same for the same seed."""
+    epoch_seed = int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+                              local_shuffle_buffer_size=max(int(shuffle_rows), batch_size),
+                              local_shuffle_seed=epoch_seed)
+
+
+@dataclass(frozen=True)
+class EpochInputs:
+    """What the stream lost in one epoch: ``skipped`` distinct videos (``keys``), the log's length
+    after it (``seen``), and ``abort``: why the job must stop, or None."""
+
+    skipped: int
+    keys: tuple[str, ...]
+    seen: int
+    abort: str | None
+
+
+def check_epoch_inputs(log, seen_before: int, n_videos: int, steps: int, epoch: int,
+                       max_failed_fraction: float = MAX_FAILED_FRACTION) -> EpochInputs:
+    """Read the stream's failure log after an epoch (every rank gets the same answer: the ranks
+    have just synchronised). An epoch with no step, or one that lost more than
+    ``max_failed_fraction`` of the videos, is a reason to stop."""
+    items = ray.get(log.items.remote()) if log is not None else []
+    new = items[seen_before:]
+    reasons = {item["key"]: item["reason"] for item in new}
+    keys = tuple(sorted(reasons))
+    examples = "; ".join(f"{k}: {reasons[k]}" for k in keys[:3]) + (" ..." if len(keys) > 3 else "")
+    abort = None
+    if steps == 0:
+        abort = (f"epoch {epoch}: no training step ran" +
+                 (f" ({len(keys)} of {n_videos} videos could not be read: {examples})" if keys else
+                  " (the stream yielded too few items for one batch)"))
+    elif n_videos and len(keys) > max_failed_fraction * n_videos:
+        abort = (f"epoch {epoch}: {len(keys)} of {n_videos} videos ({len(keys) / n_videos:.0%}) could not be "
+                 f"read, over the limit of {max_failed_fraction:.0%} (--max-failed-fraction): {examples}")
+    return EpochInputs(len(keys), keys, len(items), abort)
+
+
+def stop_run(log, message: str, rank: int) -> None:
+    """Leave the reason a run stopped for the driver (``raise_if_aborted``); the loop then returns
+    without a checkpoint for the failed epoch, so every earlier epoch stays resumable."""
+    if rank == 0 and log is not None:
+        ray.get(log.abort.remote(message))
+    if rank == 0:
+        import sys
+
+        sys.stderr.write(f"stopping: {message}\n")
+        sys.stderr.flush()
+
+
+def raise_if_aborted(stream, out_uri: str) -> None:
+    message = stream.aborted() if stream is not None else None
+    if message:
+        raise TrainingError(f"{message}. Checkpoints of the epochs before are kept under {out_uri}: "
+                            f"fix or remove those videos and pass --resume")

@@ -17,6 +17,7 @@ JOB_MODULES = [
     "jobs.store",
     "jobs.ingest",
     "jobs.frames",
+    "jobs.cache",
     "jobs.simulate",
     "jobs.pretrain",
     "jobs.evaluate",

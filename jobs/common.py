@@ -23,6 +23,20 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
 
 
+def add_stream_args(parser: argparse.ArgumentParser, training: bool = False) -> None:
+    """The frame-stream flags: the decoded-frame cache, and for training jobs the share of
+    unreadable videos that stops the job."""
+    parser.add_argument("--no-cache", action="store_true",
+                        help="decode every video again instead of reading (and filling) the decoded-frame "
+                             "cache beside the data set (URI/cache/)")
+    if training:
+        from cluster.train import MAX_FAILED_FRACTION
+
+        parser.add_argument("--max-failed-fraction", type=float, default=MAX_FAILED_FRACTION, metavar="F",
+                            help="stop when an epoch cannot read more than this share of its videos "
+                                 "(default: %(default)g)")
+
+
 def add_json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON result object last on stdout")
 

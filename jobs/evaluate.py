@@ -17,6 +17,7 @@ from jobs.common import (
     add_json_arg,
     add_ray_args,
     add_storage_args,
+    add_stream_args,
     connect_ray,
     csv_list,
     storage_from,
@@ -53,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (default 20)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (default 1e-3)")
     p.add_argument("--gpu", action="store_true", help="compute features / fine-tune on this machine's GPU")
+    add_stream_args(p)
     add_storage_args(p)
     add_ray_args(p)
     add_json_arg(p)
@@ -75,7 +77,7 @@ def evaluate_summary(
     classes: list[str] | None = None, probe: str | None = None, image_size: int | None = None,
     channels: int | None = None, fps: float | None = 3.0, max_per_video: int | None = 30,
     epochs: int = 20, lr: float = 1e-3, device: str = "cpu", storage=None, frames=None,
-    on_progress: Callable[[str], None] | None = None,
+    on_progress: Callable[[str], None] | None = None, cache: bool = True,
 ) -> dict[str, Any]:
     """Cross-validate ``checkpoint`` on the data set at ``data_uri`` (Ray connected). ``frames``
     (an EvalFrames of the same videos, image size and channels) skips streaming them again.
@@ -112,7 +114,7 @@ def evaluate_summary(
         say(f"evaluate: sampling frames of {len(rows)} videos ({fps} per second, at most "
             f"{max_per_video}) at {image_size}px")
         frames = load_eval_frames(data, rows, class_names, image_size=image_size,
-                                  channels=channels, fps=fps, max_per_video=max_per_video)
+                                  channels=channels, fps=fps, max_per_video=max_per_video, cache=cache)
         for item in frames.failed:
             say(f"evaluate: skipped {item['key']}: {item['reason']}")
 
@@ -171,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
             split_seed=args.split_seed, classes=csv_list(args.classes), probe=args.probe,
             image_size=args.image_size, channels=args.channels, fps=args.fps,
             max_per_video=args.max_per_video, epochs=args.epochs, lr=args.lr,
-            device="cuda" if args.gpu else "cpu", storage=storage, on_progress=progress)
+            device="cuda" if args.gpu else "cpu", storage=storage, on_progress=progress,
+            cache=not args.no_cache)
     except (EvaluationError, ValueError) as err:  # bad flags, a checkpoint that does not fit
         raise UserError(str(err)) from err
     print_table(summary)

@@ -5,7 +5,7 @@ import argparse
 
 from cluster.dataset import load_dataset
 from cluster.frames import StreamSpec, drain, frame_stream
-from jobs.common import add_json_arg, add_ray_args, add_storage_args, connect_ray, storage_from
+from jobs.common import add_json_arg, add_ray_args, add_storage_args, add_stream_args, connect_ray, storage_from
 from jobs.output import UserError, emit_json, progress
 from ultrasound.video import DEFAULT_MAX_DECODED_BYTES, FrameFormat, FrameSampling
 
@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("uri", metavar="URI", help="data set root written by `sonoray ingest`")
     add_sampling_args(p)
     p.add_argument("--limit", type=int, default=None, help="stop after N frames")
+    add_stream_args(p)
     add_storage_args(p)
     add_ray_args(p)
     add_json_arg(p)
@@ -47,6 +48,7 @@ def spec_from(args: argparse.Namespace, mode: str = "frames") -> StreamSpec:
             mode=mode,
             seed=args.seed,
             max_decoded_bytes=int(args.max_decoded_gib * 1024**3),
+            cache=not getattr(args, "no_cache", False),
         )
     except ValueError as err:
         raise UserError(str(err)) from err
@@ -63,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         progress(f"  skipped {item['key']}: {item['reason']}")
     progress(f"frames: {summary.frames} frames from {summary.videos} videos, "
              f"{summary.frames_per_s:.0f} frames/s, {len(summary.failed)} failed")
+    if summary.cache:
+        c = summary.cache
+        progress(f"frames: cache {c['uri']}: {c['hits']} videos read from it, {c['built']} decoded and added "
+                 f"({c['bytes_written'] / 1e6:.1f} MB written, {c['bytes_read'] / 1e6:.1f} MB read)")
     if args.json:
         emit_json(summary.as_dict())
     return 0

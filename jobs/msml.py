@@ -13,7 +13,15 @@ from typing import Any
 
 import yaml
 
-from jobs.common import add_json_arg, add_ray_args, add_storage_args, connect_ray, csv_list, storage_from
+from jobs.common import (
+    add_json_arg,
+    add_ray_args,
+    add_storage_args,
+    add_stream_args,
+    connect_ray,
+    csv_list,
+    storage_from,
+)
 from jobs.output import UserError, emit_json, fail, progress
 
 
@@ -52,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run under --out from its last epoch")
     p.add_argument("--max-failures", type=int, default=1, help="worker-failure retries (default 1)")
     p.add_argument("--gradcam", type=int, default=6, help="Grad-CAM overlays to save (default 6)")
+    add_stream_args(p, training=True)
     add_storage_args(p)
     add_ray_args(p)
     add_json_arg(p)
@@ -129,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
             scale=ScaleSpec(workers=args.workers, gpu=args.gpu, max_failures=args.max_failures),
             fps=args.fps, max_per_video=args.max_per_video, val_max_per_video=args.val_max_per_video,
             val_fraction=args.val_fraction, split_seed=args.split_seed, init_uri=args.init,
-            resume=args.resume, gradcam=args.gradcam,
+            resume=args.resume, gradcam=args.gradcam, cache=not args.no_cache,
+            max_failed_fraction=args.max_failed_fraction,
         )
         FrameSampling(fps=args.fps, max_per_video=args.max_per_video)  # validates the sampling flags
     except ValueError as err:

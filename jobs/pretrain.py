@@ -14,6 +14,7 @@ from jobs.common import (
     add_json_arg,
     add_ray_args,
     add_storage_args,
+    add_stream_args,
     connect_ray,
     csv_list,
     storage_from,
@@ -64,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     holdout.add_argument("--classes", default=None, metavar="A,B,...",
                          help="classes evaluate keeps (default: all labels)")
     holdout.add_argument("--probe", default=None, help="probe evaluate keeps, e.g. convex")
+    add_stream_args(p, training=True)
     add_storage_args(p)
     add_ray_args(p)
     add_json_arg(p)
@@ -159,12 +161,15 @@ def run(args: argparse.Namespace) -> int:
     scale = ScaleSpec(workers=args.workers, gpu=args.gpu, max_failures=args.max_failures)
     try:
         result = pretrain(data, args.out, cfg, scale, unlabelled=unlabelled, holdout=holdout,
-                          init_state=init_state, resume=args.resume, storage=storage)
+                          init_state=init_state, resume=args.resume, storage=storage,
+                          cache=not args.no_cache, max_failed_fraction=args.max_failed_fraction)
     except (TrainingError, ValueError) as err:
         return fail(str(err), code=1)
     last = result.history[-1]
     progress(f"pretrain: done, {len(result.history)} epochs, loss {last['loss']:.4f}, "
              f"{result.images_per_s:.1f} images/s; model at {result.checkpoint_uri}")
+    for item in result.skipped_videos:
+        progress(f"pretrain: skipped {item['key']} in {item['times']} epoch(s): {item['reason']}")
     if args.json:
         emit_json(result.as_json())
     return 0

@@ -13,7 +13,15 @@ from typing import Any
 
 import yaml
 
-from jobs.common import add_json_arg, add_ray_args, add_storage_args, connect_ray, csv_list, storage_from
+from jobs.common import (
+    add_json_arg,
+    add_ray_args,
+    add_storage_args,
+    add_stream_args,
+    connect_ray,
+    csv_list,
+    storage_from,
+)
 from jobs.output import UserError, emit_json, progress
 
 # CLI flag -> SimulationConfig field (flags left unset keep the YAML's or the default value)
@@ -73,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--gpus-per-experiment", type=float, default=0.0, help="GPUs per experiment task (0)")
     run.add_argument("--max-retries", type=int, default=3, help="retries of a crashed experiment (3)")
     run.add_argument("--serial", action="store_true", help="run the experiments one by one in this process")
+    add_stream_args(p)
     add_storage_args(p)
     add_ray_args(p)
     add_json_arg(p)
@@ -123,7 +132,7 @@ def sample_spec_from(args: argparse.Namespace) -> Any:
     try:
         return SampleSpec(fps=args.fps or None, max_per_video=args.max_per_video or None, size=args.size,
                           channels=args.channels, init=args.init, seed=args.embed_seed,
-                          workers=args.embed_workers, gpu=args.embed_gpu)
+                          workers=args.embed_workers, gpu=args.embed_gpu, frame_cache=not args.no_cache)
     except ValueError as err:
         raise UserError(str(err)) from err
 
