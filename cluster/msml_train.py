@@ -38,7 +38,6 @@ from cluster.dataset import IngestedDataset
 from cluster.frames import StreamSpec, frame_stream
 from cluster.storage import Location, Storage, parse_uri
 from cluster.train import (
-    CHECKPOINT_FILE,
     RUN_NAME,
     ScaleSpec,
     TrainingError,
@@ -47,6 +46,7 @@ from cluster.train import (
     fit,
     load_init_backbone,
     prepare_model,
+    read_checkpoint_folder,
     report_epoch,
     restore_state,
     run_location,
@@ -360,7 +360,7 @@ def run_msml(
     if result.checkpoint is None:
         raise TrainingError(f"training under {out.uri} produced no checkpoint")
     with result.checkpoint.as_directory() as folder:
-        final = torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=False)
+        final = read_checkpoint_folder(folder)
     history = final["history"]
     checkpoint_uri = export_final(result, out.uri, history, storage, exclude=("optimizer",))
     model = MSMLNet(config)

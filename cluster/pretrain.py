@@ -48,6 +48,7 @@ from cluster.train import (
     export_final,
     fit,
     prepare_model,
+    read_checkpoint_folder,
     report_epoch,
     restore_state,
     run_location,
@@ -214,7 +215,7 @@ def pretrain(
     result = fit(pretrain_loop, loop_config, dict(datasets), out_uri, scale, resume=resume,
                  storage=storage, keep_checkpoints=KEEP_CHECKPOINTS)
     with result.checkpoint.as_directory() as folder:
-        final = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
+        final = read_checkpoint_folder(folder)
     history = list(final["history"])
     uri = export_final(result, out_uri, history, storage=storage, exclude=("optimizer",))
     return PretrainResult(history, uri, steady_images_per_s(history), list(final["classes"]),

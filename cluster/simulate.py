@@ -348,7 +348,8 @@ class FinetuneModel:
                           batch_size=c.finetune_batch_size, seed=self.seed)
         net = MSMLNet(msml)
         if self.init_backbone is not None:
-            adopt_weights(net.backbone, read_state(self.init_backbone), "the --init checkpoint")
+            adopt_weights(net.backbone, read_state(self.init_backbone, "the --init checkpoint"),
+                          "the --init checkpoint")
         return net.to(self.device)
 
     def fit(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray):

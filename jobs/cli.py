@@ -8,6 +8,7 @@ import sys
 from cluster.redact import install_log_redaction
 from cluster.storage import StorageError
 from jobs.output import UserError, fail
+from ultrasound.checkpoint import CheckpointError
 from ultrasound.manifest import ManifestError
 
 # Job modules in the order `sonoray --help` lists them.
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ManifestError, StorageError, FileNotFoundError) as err:
+    except (UserError, ManifestError, StorageError, CheckpointError, FileNotFoundError) as err:
         return fail(str(err))
     except KeyboardInterrupt:
         return fail("interrupted", code=130)
