@@ -7,13 +7,17 @@ filesystems (Parquet, and the video bytes Ray Data reads). Any S3-compatible end
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -24,6 +28,8 @@ CONNECT_TIMEOUT_S = 3.0
 # A GET that fails for a transient reason (503, throttling, a dropped connection) is tried this
 # many times in all, with the SDKs' standard exponential backoff, before the video counts as failed.
 MAX_ATTEMPTS = 5
+_UMASK = os.umask(0o022)  # read once: the mode new local files get
+os.umask(_UMASK)
 
 
 class StorageError(RuntimeError):
@@ -199,11 +205,8 @@ class Storage:
             except Exception as err:  # boto3 raises S3UploadFailedError, ClientError, ...
                 raise self._wrap(err, f"uploading {source} to {location.uri}") from err
             return
-        target = Path(location.key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        with open(source, "rb") as handle:
+            atomic_write_local(Path(location.key), lambda out: shutil.copyfileobj(handle, out, 1 << 20))
 
     def read_bytes(self, location: Location) -> bytes:
         fs = self.filesystem(location)
@@ -214,14 +217,19 @@ class Storage:
             raise self._wrap(err, location.uri) if location.is_s3 else err
 
     def write_bytes(self, location: Location, data: bytes) -> None:
-        fs = self.filesystem(location)
+        """Write ``data`` whole or not at all: a reader sees the old object or the new one.
+
+        Local: a unique temporary file beside the target, fsynced, then renamed over it (the
+        temporary file is removed on error). S3: one PUT of the complete object."""
         if not location.is_s3:
-            Path(location.key).parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = location.fs_path if location.is_s3 else location.fs_path + ".part"
-        with fs.open_output_stream(tmp_path) as handle:
-            handle.write(data)
-        if not location.is_s3:
-            os.replace(tmp_path, location.fs_path)
+            atomic_write_local(Path(location.key), lambda handle: handle.write(data))
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client().put_object(Bucket=location.bucket, Key=location.key, Body=data)
+        except (BotoCoreError, ClientError, OSError) as err:
+            raise self._wrap(err, f"writing {location.uri}") from err
 
     def exists(self, location: Location) -> bool:
         info = self.filesystem(location).get_file_info(location.fs_path)
@@ -243,6 +251,25 @@ class Storage:
 
     def read_parquet(self, location: Location) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(location)))
+
+
+def atomic_write_local(target: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create or replace the file ``target`` atomically: ``write(handle)`` fills a unique
+    temporary file in the same folder, which is flushed, fsynced and renamed over ``target``;
+    on any error the temporary file is removed and ``target`` is left as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the group
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
