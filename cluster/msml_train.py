@@ -34,6 +34,7 @@ import numpy as np
 import ray
 import torch
 
+from cluster.claim import claim_out
 from cluster.dataset import IngestedDataset
 from cluster.frames import StreamSpec, frame_stream
 from cluster.storage import Location, Storage, parse_uri
@@ -297,7 +298,15 @@ class MSMLRunOptions:
     gradcam: int = 6
 
 
-def run_msml(
+def run_msml(data: IngestedDataset, config: MSMLConfig, options: MSMLRunOptions, storage: Storage | None = None,
+             on_progress: Callable[[str], None] = lambda message: None) -> dict:
+    """:func:`run_msml_claimed` while holding the exclusive claim on ``options.out_uri``."""
+    storage = storage or data.storage
+    with claim_out(parse_uri(options.out_uri), storage, resume=options.resume):
+        return run_msml_claimed(data, config, options, storage, on_progress)
+
+
+def run_msml_claimed(
     data: IngestedDataset,
     config: MSMLConfig,
     options: MSMLRunOptions,

@@ -36,6 +36,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from cluster.claim import claim_out
 from cluster.dataset import IngestedDataset
 from cluster.evaluate import HoldoutSpec
 from cluster.frames import StreamSpec, frame_stream
@@ -162,7 +163,16 @@ def stream_spec(cfg: USCLConfig, decode_cpus: float) -> StreamSpec:
         mode="clips", seed=None, cpus_per_task=decode_cpus)
 
 
-def pretrain(
+def pretrain(data: IngestedDataset, out_uri: str, cfg: USCLConfig, scale: ScaleSpec, *, resume: bool = False,
+             storage: Storage | None = None, **kwargs: Any) -> PretrainResult:
+    """:func:`pretrain_claimed` while holding the exclusive claim on ``out_uri`` (refused when
+    another run holds it; a stale claim is taken over with ``resume``)."""
+    storage = storage or Storage()
+    with claim_out(parse_uri(out_uri), storage, resume=resume):
+        return pretrain_claimed(data, out_uri, cfg, scale, resume=resume, storage=storage, **kwargs)
+
+
+def pretrain_claimed(
     data: IngestedDataset, out_uri: str, cfg: USCLConfig, scale: ScaleSpec, *,
     unlabelled: bool = False, holdout: HoldoutSpec | None = None,
     init_state: Mapping[str, torch.Tensor] | None = None, resume: bool = False,

@@ -231,6 +231,49 @@ class Storage:
         except (BotoCoreError, ClientError, OSError) as err:
             raise self._wrap(err, f"writing {location.uri}") from err
 
+    def create_exclusive(self, location: Location, data: bytes) -> bool:
+        """Create the object only if it does not exist; False when it already does.
+
+        Local: ``O_CREAT | O_EXCL``. S3: a conditional PUT (``If-None-Match: *``), which AWS,
+        MinIO and moto answer with 412 when the key exists."""
+        if not location.is_s3:
+            path = Path(location.key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return True
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client().put_object(Bucket=location.bucket, Key=location.key, Body=data, IfNoneMatch="*")
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise self._wrap(err, f"creating {location.uri}") from err
+        except (BotoCoreError, OSError) as err:
+            raise self._wrap(err, f"creating {location.uri}") from err
+        return True
+
+    def delete(self, location: Location) -> None:
+        """Remove the object or file; absent already is fine."""
+        if not location.is_s3:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(location.key)
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client().delete_object(Bucket=location.bucket, Key=location.key)
+        except (BotoCoreError, ClientError, OSError) as err:
+            raise self._wrap(err, f"deleting {location.uri}") from err
+
     def exists(self, location: Location) -> bool:
         info = self.filesystem(location).get_file_info(location.fs_path)
         return info.type != pafs.FileType.NotFound

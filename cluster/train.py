@@ -21,6 +21,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from cluster.claim import claim_out
 from cluster.storage import Location, Storage, parse_uri
 from ultrasound.backbone import ResNet18Backbone, adopt_weights, read_state
 from ultrasound.checkpoint import load_state, save_state
@@ -74,10 +75,19 @@ def fit(
 
     Without ``resume`` an ``out_uri`` that already holds a run is refused (Ray would silently
     resume it); with ``resume`` the loop finds the last checkpoint through ``restore_state``.
+    The run holds the exclusive claim on ``out_uri`` (:mod:`cluster.claim`) while it lasts.
     """
     storage = storage or Storage()
     out = parse_uri(out_uri)
-    storage.check(out, create_bucket=True)
+    with claim_out(out, storage, resume=resume):
+        return _fit_claimed(train_loop, loop_config, datasets, out, scale, resume, storage, keep_checkpoints)
+
+
+def _fit_claimed(train_loop: Callable[[dict], None], loop_config: dict, datasets: dict[str, ray.data.Dataset],
+                 out: Location, scale: ScaleSpec, resume: bool, storage: Storage,
+                 keep_checkpoints: int | None) -> ray.train.Result:
+    """``fit`` once this process holds the claim on ``out``."""
+    out_uri = out.uri
     runs = run_location(out_uri)
     exists = storage.exists(runs.join(RUN_NAME))
     if exists and not resume:

@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 
+from cluster.claim import ClaimError
 from cluster.redact import install_log_redaction
 from cluster.storage import StorageError
 from jobs.output import UserError, fail
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ManifestError, StorageError, CheckpointError, FileNotFoundError) as err:
+    except (UserError, ManifestError, StorageError, CheckpointError, ClaimError, FileNotFoundError) as err:
         return fail(str(err))
     except KeyboardInterrupt:
         return fail("interrupted", code=130)
