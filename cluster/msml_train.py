@@ -56,6 +56,7 @@ from cluster.train import (
 )
 from ultrasound.evaluation import carve_validation
 from ultrasound.gradcam import grad_cam, overlay
+from ultrasound.manifest import safe_file_name
 from ultrasound.msml import (
     MSMLConfig,
     MSMLNet,
@@ -466,7 +467,7 @@ def save_gradcams(model: MSMLNet, frames: LabelledFrames, probs: np.ndarray, rep
         ok, png = cv2.imencode(".png", overlay(np.ascontiguousarray(gray), heat))
         if not ok:
             raise TrainingError(f"could not encode the Grad-CAM overlay of {name}")
-        target = folder.join(f"{name}_{frames.video_ids[pick]}_f{int(frames.frame_index[pick]):05d}.png")
+        target = folder.join(f"{name}_{safe_file_name(frames.video_ids[pick])}_f{int(frames.frame_index[pick]):05d}.png")
         storage.write_bytes(target, png.tobytes())
         written.append(target.uri)
     return written

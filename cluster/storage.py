@@ -77,7 +77,11 @@ class Location:
         return f"{self.bucket}/{self.key}".rstrip("/") if self.is_s3 else self.key
 
     def join(self, *parts: str) -> "Location":
+        """The location ``parts`` below this one; a ``..`` part (a stored key that would climb
+        out, e.g. a tampered manifest) raises ValueError naming it."""
         tail = "/".join(p.strip("/") for p in parts if p)
+        if ".." in tail.split("/"):
+            raise ValueError(f"{self.uri}: refusing to join {tail!r}: it has a '..' part")
         if self.is_s3:
             key = f"{self.key.rstrip('/')}/{tail}".strip("/") if self.key else tail
             return Location("s3", self.bucket, key)
