@@ -101,8 +101,15 @@ def parse_uri(uri: str) -> Location:
     return Location("file", "", str(Path(text.removeprefix("file://")).expanduser().resolve()))
 
 
+# The reachability check every job makes first: an endpoint that accepts connections and never
+# answers fails it within CHECK_ATTEMPTS x (CONNECT_TIMEOUT_S + CHECK_READ_TIMEOUT_S) plus one
+# backoff (<= 15 s), where the transfer client would wait MAX_ATTEMPTS x 60 s.
+CHECK_READ_TIMEOUT_S = 3.0
+CHECK_ATTEMPTS = 2
+
+
 @lru_cache(maxsize=8)
-def _boto3_client(config: StorageConfig):
+def _boto3_client(config: StorageConfig, read_timeout: float = 60, attempts: int = MAX_ATTEMPTS):
     import boto3
     from botocore.config import Config
 
@@ -112,8 +119,8 @@ def _boto3_client(config: StorageConfig):
         region_name=config.region,
         config=Config(
             connect_timeout=CONNECT_TIMEOUT_S,
-            read_timeout=60,
-            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+            read_timeout=read_timeout,
+            retries={"max_attempts": attempts, "mode": "standard"},
         ),
     )
 
@@ -158,7 +165,7 @@ class Storage:
             return
         from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
-        client = self.client()
+        client = _boto3_client(self.config, CHECK_READ_TIMEOUT_S, CHECK_ATTEMPTS)
         try:
             client.head_bucket(Bucket=location.bucket)
         except EndpointConnectionError as err:

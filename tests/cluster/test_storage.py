@@ -63,3 +63,22 @@ def test_an_s3_write_that_fails_raises_storage_error_naming_the_uri():
     storage = Storage(StorageConfig(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1"))
     with pytest.raises(StorageError, match=rf"writing s3://b/k/x\.json: S3 endpoint http://127\.0\.0\.1:{port} failed"):
         storage.write_bytes(parse_uri("s3://b/k/x.json"), b"{}")
+
+
+def test_an_endpoint_that_accepts_and_never_answers_fails_the_check_within_15_s_naming_it():
+    import socket
+    import time
+
+    from cluster.storage import Storage as Store
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel accepts connections; nobody ever reads or answers
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        storage = Store(StorageConfig(endpoint_url=endpoint, region="us-east-1"))
+        began = time.monotonic()
+        with pytest.raises(StorageError) as err:
+            storage.check(parse_uri("s3://bucket/prefix"))
+        elapsed = time.monotonic() - began
+    assert elapsed <= 15, elapsed
+    assert str(err.value).startswith(f"cannot reach the S3 endpoint {endpoint}: "), str(err.value)
