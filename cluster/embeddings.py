@@ -30,6 +30,7 @@ import ray
 from cluster.dataset import IngestedDataset
 from cluster.frames import StreamSpec, frame_stream
 from cluster.storage import Location, Storage, parse_uri
+from ultrasound.checkpoint import load_state
 from ultrasound.video import FrameFormat, FrameSampling
 
 KINDS = ("embeddings", "images")
@@ -157,6 +158,8 @@ def load_samples(
 ) -> tuple[SampleTable, bool]:
     """The sample table, from the cache or computed (and cached); returns ``(table, cached)``."""
     checkpoint = storage.read_bytes(parse_uri(spec.init)) if spec.init else None
+    if checkpoint is not None:
+        load_state(checkpoint, spec.init)  # refuse a file that is not plain data before any work
     checkpoint_sha = hashlib.sha256(checkpoint).hexdigest() if checkpoint is not None else None
     key = cache_key(data, spec, checkpoint_sha)
     location = cache.join(f"{spec.kind}-{key}.npz")
@@ -240,7 +243,7 @@ class FrameEmbedder:
             torch.manual_seed(seed)
             self.model = ResNet18Backbone(in_channels=channels)
         if checkpoint is not None:
-            adopt_weights(self.model, read_state(checkpoint), "the --init checkpoint")
+            adopt_weights(self.model, read_state(checkpoint, "the --init checkpoint"), "the --init checkpoint")
         self.model.eval().to(device)
         self.device, self.size, self.channels = device, size, channels
 

@@ -14,7 +14,6 @@ evaluate`` later tests in fold I, whatever frames either job samples.
 """
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from cluster.dataset import IngestedDataset
 from cluster.frames import StreamSpec, frame_stream
 from cluster.storage import Storage, parse_uri
+from ultrasound.checkpoint import load_state
 from ultrasound.evaluation import (
     backbone_from_state,
     carve_validation,
@@ -215,8 +215,7 @@ def load_checkpoint(uri: str, storage: Storage | None = None) -> LoadedCheckpoin
     location = parse_uri(uri)
     if not storage.exists(location):
         raise FileNotFoundError(f"no checkpoint at {location.uri}")
-    blob = torch.load(io.BytesIO(storage.read_bytes(location)), map_location="cpu",
-                      weights_only=False)
+    blob = load_state(storage.read_bytes(location), location.uri)
     if not isinstance(blob, dict):
         raise EvaluationError(f"{location.uri} holds a {type(blob).__name__}, not a state dict")
     if isinstance(blob.get("model"), dict):

@@ -34,11 +34,11 @@ import numpy as np
 import ray
 import torch
 
+from cluster.claim import claim_out
 from cluster.dataset import IngestedDataset
 from cluster.frames import StreamSpec, frame_stream
 from cluster.storage import Location, Storage, parse_uri
 from cluster.train import (
-    CHECKPOINT_FILE,
     MAX_FAILED_FRACTION,
     RUN_NAME,
     ScaleSpec,
@@ -52,6 +52,7 @@ from cluster.train import (
     stop_run,
     load_init_backbone,
     prepare_model,
+    read_checkpoint_folder,
     report_epoch,
     restore_state,
     run_location,
@@ -60,6 +61,7 @@ from cluster.train import (
 )
 from ultrasound.evaluation import carve_validation
 from ultrasound.gradcam import grad_cam, overlay
+from ultrasound.manifest import safe_file_name
 from ultrasound.msml import (
     MSMLConfig,
     MSMLNet,
@@ -311,7 +313,15 @@ class MSMLRunOptions:
     max_failed_fraction: float = MAX_FAILED_FRACTION
 
 
-def run_msml(
+def run_msml(data: IngestedDataset, config: MSMLConfig, options: MSMLRunOptions, storage: Storage | None = None,
+             on_progress: Callable[[str], None] = lambda message: None) -> dict:
+    """:func:`run_msml_claimed` while holding the exclusive claim on ``options.out_uri``."""
+    storage = storage or data.storage
+    with claim_out(parse_uri(options.out_uri), storage, resume=options.resume):
+        return run_msml_claimed(data, config, options, storage, on_progress)
+
+
+def run_msml_claimed(
     data: IngestedDataset,
     config: MSMLConfig,
     options: MSMLRunOptions,
@@ -380,7 +390,7 @@ def run_msml(
     if result.checkpoint is None:
         raise TrainingError(f"training under {out.uri} produced no checkpoint")
     with result.checkpoint.as_directory() as folder:
-        final = torch.load(f"{folder}/{CHECKPOINT_FILE}", map_location="cpu", weights_only=False)
+        final = read_checkpoint_folder(folder)
     history = final["history"]
     checkpoint_uri = export_final(result, out.uri, history, storage, exclude=("optimizer",))
     model = MSMLNet(config)
@@ -479,7 +489,7 @@ def save_gradcams(model: MSMLNet, frames: LabelledFrames, probs: np.ndarray, rep
         ok, png = cv2.imencode(".png", overlay(np.ascontiguousarray(gray), heat))
         if not ok:
             raise TrainingError(f"could not encode the Grad-CAM overlay of {name}")
-        target = folder.join(f"{name}_{frames.video_ids[pick]}_f{int(frames.frame_index[pick]):05d}.png")
+        target = folder.join(f"{name}_{safe_file_name(frames.video_ids[pick])}_f{int(frames.frame_index[pick]):05d}.png")
         storage.write_bytes(target, png.tobytes())
         written.append(target.uri)
     return written

@@ -36,6 +36,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from cluster.claim import claim_out
 from cluster.dataset import IngestedDataset
 from cluster.evaluate import HoldoutSpec
 from cluster.frames import StreamSpec, frame_stream
@@ -53,6 +54,7 @@ from cluster.train import (
     raise_if_aborted,
     stop_run,
     prepare_model,
+    read_checkpoint_folder,
     report_epoch,
     restore_state,
     run_location,
@@ -172,7 +174,16 @@ def stream_spec(cfg: USCLConfig, decode_cpus: float, cache: bool = True) -> Stre
         mode="clips", seed=None, cpus_per_task=decode_cpus, cache=cache, order_seed=cfg.seed)
 
 
-def pretrain(
+def pretrain(data: IngestedDataset, out_uri: str, cfg: USCLConfig, scale: ScaleSpec, *, resume: bool = False,
+             storage: Storage | None = None, **kwargs: Any) -> PretrainResult:
+    """:func:`pretrain_claimed` while holding the exclusive claim on ``out_uri`` (refused when
+    another run holds it; a stale claim is taken over with ``resume``)."""
+    storage = storage or Storage()
+    with claim_out(parse_uri(out_uri), storage, resume=resume):
+        return pretrain_claimed(data, out_uri, cfg, scale, resume=resume, storage=storage, **kwargs)
+
+
+def pretrain_claimed(
     data: IngestedDataset, out_uri: str, cfg: USCLConfig, scale: ScaleSpec, *,
     unlabelled: bool = False, holdout: HoldoutSpec | None = None,
     init_state: Mapping[str, torch.Tensor] | None = None, resume: bool = False,
@@ -233,7 +244,7 @@ def pretrain(
                  storage=storage, keep_checkpoints=KEEP_CHECKPOINTS)
     raise_if_aborted(stream, out.uri)
     with result.checkpoint.as_directory() as folder:
-        final = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
+        final = read_checkpoint_folder(folder)
     history = list(final["history"])
     uri = export_final(result, out_uri, history, storage=storage, exclude=("optimizer",))
     skipped = stream.skipped_videos() if stream is not None else []

@@ -24,6 +24,7 @@ import re
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 MASK = "***"
 
@@ -31,14 +32,22 @@ MASK = "***"
 SECRET_VARIABLE_NAMES = frozenset(
     {"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN"}
 )
-# A credential by its name: FOO_TOKEN, FOO_SECRET, MY_SECRET_X, DB_PASSWORD, PASSWORD_FILE...
-_SECRET_NAME = re.compile(r"((^|_)TOKEN$|SECRET|PASSWORD|PASSWD)", re.IGNORECASE)
+# A credential by its name, as the boto3 / Ray / Optuna ecosystems spell them: *_SECRET*,
+# *_TOKEN*, *_PASSWORD*, *_API_KEY*, *_ACCESS_KEY* (and the same words leading the name, PGPASSWORD).
+# A name ending in _PATH or _DIR names where a secret lives (RAY_AUTH_TOKEN_PATH), not the secret.
+_SECRET_WORDS = r"(SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|ACCESS_KEY)"
+_SECRET_NAME = re.compile(rf"(_{_SECRET_WORDS}|^{_SECRET_WORDS}(_|$)|^PG{_SECRET_WORDS}$|SECRET)", re.IGNORECASE)
+_LOCATION_NAME = re.compile(r"_(PATH|DIR)$", re.IGNORECASE)
 # Values this short are not masked: they are too common to be worth hiding and masking them
 # would garble unrelated text.
 MIN_SECRET_LENGTH = 4
 
-# scheme://user:password@  ->  scheme://user:***@
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]+:)(?P<password>[^/\s@]+)@")
+# scheme://user:password@host  ->  scheme://user:***@host. The user may be empty; the password
+# runs to the LAST "@" that is followed by a host (no "@", "/" or space up to the path), so a
+# password holding "/" or "@" is masked whole.
+_URL_PASSWORD = re.compile(
+    r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]*:)(?P<password>[^\s]*)@(?=[^\s@/]+(?:[/?#\s'\"]|$))"
+)
 
 # Keys of a saved config whose values are masked whole.
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|key_id|credential)", re.IGNORECASE)
@@ -49,7 +58,9 @@ _registered_lock = threading.Lock()
 
 def is_secret_name(name: str) -> bool:
     """True when an environment variable called ``name`` holds a credential."""
-    return name.upper() in SECRET_VARIABLE_NAMES or bool(_SECRET_NAME.search(name))
+    if name.upper() in SECRET_VARIABLE_NAMES:
+        return True
+    return bool(_SECRET_NAME.search(name)) and not _LOCATION_NAME.search(name)
 
 
 def secret_variables(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -91,7 +102,16 @@ def redact(text: str, secrets: Iterable[str] | None = None) -> str:
     for value in values:
         if value and value in text:
             text = text.replace(value, MASK)
-    return _URL_PASSWORD.sub(lambda m: f"{m.group('head')}{MASK}@", text)
+    return _URL_PASSWORD.sub(_mask_password, text)
+
+
+def _mask_password(match: re.Match) -> str:
+    """``scheme://user:***@``, once ``urllib.parse`` agrees the match is a URL with userinfo."""
+    head = match.group("head")
+    candidate = f"{head}x@host"
+    if urlsplit(candidate).password is None:  # not a URL authority after all: leave it
+        return match.group(0)
+    return f"{head}{MASK}@"
 
 
 def redact_mapping(data: Any, secrets: Iterable[str] | None = None) -> Any:

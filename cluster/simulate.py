@@ -348,7 +348,8 @@ class FinetuneModel:
                           batch_size=c.finetune_batch_size, seed=self.seed)
         net = MSMLNet(msml)
         if self.init_backbone is not None:
-            adopt_weights(net.backbone, read_state(self.init_backbone), "the --init checkpoint")
+            adopt_weights(net.backbone, read_state(self.init_backbone, "the --init checkpoint"),
+                          "the --init checkpoint")
         return net.to(self.device)
 
     def fit(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray):
@@ -426,6 +427,22 @@ def read_round(storage: Storage, location: Location) -> tuple[list[dict], dict]:
     return table.to_pylist(), meta
 
 
+# What reading a torn, truncated or foreign round file raises (ArrowInvalid is a ValueError;
+# missing metadata a TypeError or KeyError).
+UNREADABLE_ROUND = (OSError, ValueError, KeyError, TypeError, pa.ArrowException)
+
+
+def readable_rounds(storage: Storage, exp: Location, count: int) -> int:
+    """How many of rounds ``0..count-1`` of the experiment at ``exp`` parse, from round 0: the
+    first that does not is recomputed (with every later one) instead of trusted."""
+    for r in range(count):
+        try:
+            read_round_meta(storage, exp.join(f"round_{r}.parquet"))
+        except UNREADABLE_ROUND:
+            return r
+    return count
+
+
 def read_round_meta(storage: Storage, location: Location) -> dict:
     data = storage.read_bytes(location)
     schema = pq.ParquetFile(io.BytesIO(data)).schema_arrow
@@ -485,8 +502,13 @@ def _run_experiment(
     if done:
         records: list[dict] = []
         for r in range(done):
-            rows, meta = read_round(storage, exp.join(f"round_{r}.parquet"))
+            try:
+                rows, meta = read_round(storage, exp.join(f"round_{r}.parquet"))
+            except UNREADABLE_ROUND:  # torn or corrupt: recompute it and every later round
+                done = on_disk = r
+                break
             records += rows
+    if done:
         globals_ = {row["index"]: row["global_index"] for row in records}
         state = ALState.from_records([{k: v for k, v in row.items() if k != "global_index"} for row in records],
                                      num_labels=num_labels)
@@ -786,7 +808,8 @@ def simulate_table(
     files = _progress_files(storage, out)
     on_disk = {s.experiment_id: completed_rounds(files.get(s.experiment_id, [])) for s in specs}
     finished = {s.experiment_id for s in specs
-                if on_disk[s.experiment_id] >= s.rounds + 1 and ORACLE_LOG in files.get(s.experiment_id, [])}
+                if on_disk[s.experiment_id] >= s.rounds + 1 and ORACLE_LOG in files.get(s.experiment_id, [])
+                and readable_rounds(storage, out.join("experiments", s.experiment_id), s.rounds + 1) == s.rounds + 1}
     todo = [s for s in specs if s.experiment_id not in finished]
     references = {s.reference_id: s.seed for s in specs}
     have_refs = set(storage.list_files(out.join("reference")))

@@ -7,13 +7,17 @@ filesystems (Parquet, and the video bytes Ray Data reads). Any S3-compatible end
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -24,6 +28,8 @@ CONNECT_TIMEOUT_S = 3.0
 # A GET that fails for a transient reason (503, throttling, a dropped connection) is tried this
 # many times in all, with the SDKs' standard exponential backoff, before the video counts as failed.
 MAX_ATTEMPTS = 5
+_UMASK = os.umask(0o022)  # read once: the mode new local files get
+os.umask(_UMASK)
 
 
 class StorageError(RuntimeError):
@@ -71,7 +77,11 @@ class Location:
         return f"{self.bucket}/{self.key}".rstrip("/") if self.is_s3 else self.key
 
     def join(self, *parts: str) -> "Location":
+        """The location ``parts`` below this one; a ``..`` part (a stored key that would climb
+        out, e.g. a tampered manifest) raises ValueError naming it."""
         tail = "/".join(p.strip("/") for p in parts if p)
+        if ".." in tail.split("/"):
+            raise ValueError(f"{self.uri}: refusing to join {tail!r}: it has a '..' part")
         if self.is_s3:
             key = f"{self.key.rstrip('/')}/{tail}".strip("/") if self.key else tail
             return Location("s3", self.bucket, key)
@@ -91,8 +101,15 @@ def parse_uri(uri: str) -> Location:
     return Location("file", "", str(Path(text.removeprefix("file://")).expanduser().resolve()))
 
 
+# The reachability check every job makes first: an endpoint that accepts connections and never
+# answers fails it within CHECK_ATTEMPTS x (CONNECT_TIMEOUT_S + CHECK_READ_TIMEOUT_S) plus one
+# backoff (<= 15 s), where the transfer client would wait MAX_ATTEMPTS x 60 s.
+CHECK_READ_TIMEOUT_S = 3.0
+CHECK_ATTEMPTS = 2
+
+
 @lru_cache(maxsize=8)
-def _boto3_client(config: StorageConfig):
+def _boto3_client(config: StorageConfig, read_timeout: float = 60, attempts: int = MAX_ATTEMPTS):
     import boto3
     from botocore.config import Config
 
@@ -102,8 +119,8 @@ def _boto3_client(config: StorageConfig):
         region_name=config.region,
         config=Config(
             connect_timeout=CONNECT_TIMEOUT_S,
-            read_timeout=60,
-            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+            read_timeout=read_timeout,
+            retries={"max_attempts": attempts, "mode": "standard"},
         ),
     )
 
@@ -148,7 +165,7 @@ class Storage:
             return
         from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
-        client = self.client()
+        client = _boto3_client(self.config, CHECK_READ_TIMEOUT_S, CHECK_ATTEMPTS)
         try:
             client.head_bucket(Bucket=location.bucket)
         except EndpointConnectionError as err:
@@ -199,11 +216,8 @@ class Storage:
             except Exception as err:  # boto3 raises S3UploadFailedError, ClientError, ...
                 raise self._wrap(err, f"uploading {source} to {location.uri}") from err
             return
-        target = Path(location.key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".part")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        with open(source, "rb") as handle:
+            atomic_write_local(Path(location.key), lambda out: shutil.copyfileobj(handle, out, 1 << 20))
 
     def read_bytes(self, location: Location) -> bytes:
         fs = self.filesystem(location)
@@ -214,14 +228,62 @@ class Storage:
             raise self._wrap(err, location.uri) if location.is_s3 else err
 
     def write_bytes(self, location: Location, data: bytes) -> None:
-        fs = self.filesystem(location)
+        """Write ``data`` whole or not at all: a reader sees the old object or the new one.
+
+        Local: a unique temporary file beside the target, fsynced, then renamed over it (the
+        temporary file is removed on error). S3: one PUT of the complete object."""
         if not location.is_s3:
-            Path(location.key).parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = location.fs_path if location.is_s3 else location.fs_path + ".part"
-        with fs.open_output_stream(tmp_path) as handle:
-            handle.write(data)
+            atomic_write_local(Path(location.key), lambda handle: handle.write(data))
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client().put_object(Bucket=location.bucket, Key=location.key, Body=data)
+        except (BotoCoreError, ClientError, OSError) as err:
+            raise self._wrap(err, f"writing {location.uri}") from err
+
+    def create_exclusive(self, location: Location, data: bytes) -> bool:
+        """Create the object only if it does not exist; False when it already does.
+
+        Local: ``O_CREAT | O_EXCL``. S3: a conditional PUT (``If-None-Match: *``), which AWS,
+        MinIO and moto answer with 412 when the key exists."""
         if not location.is_s3:
-            os.replace(tmp_path, location.fs_path)
+            path = Path(location.key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return True
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client().put_object(Bucket=location.bucket, Key=location.key, Body=data, IfNoneMatch="*")
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise self._wrap(err, f"creating {location.uri}") from err
+        except (BotoCoreError, OSError) as err:
+            raise self._wrap(err, f"creating {location.uri}") from err
+        return True
+
+    def delete(self, location: Location) -> None:
+        """Remove the object or file; absent already is fine."""
+        if not location.is_s3:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(location.key)
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client().delete_object(Bucket=location.bucket, Key=location.key)
+        except (BotoCoreError, ClientError, OSError) as err:
+            raise self._wrap(err, f"deleting {location.uri}") from err
 
     def exists(self, location: Location) -> bool:
         info = self.filesystem(location).get_file_info(location.fs_path)
@@ -252,15 +314,24 @@ class Storage:
         return sorted((info.path[len(base):], int(info.size or 0)) for info in fs.get_file_info(selector)
                       if info.type == pafs.FileType.File)
 
-    def delete(self, location: Location) -> None:
-        """Remove one file or object (nothing when it is already gone)."""
-        fs = self.filesystem(location)
-        try:
-            fs.delete_file(location.fs_path)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise self._wrap(err, f"deleting {location.uri}") if location.is_s3 else err
+
+def atomic_write_local(target: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create or replace the file ``target`` atomically: ``write(handle)`` fills a unique
+    temporary file in the same folder, which is flushed, fsynced and renamed over ``target``;
+    on any error the temporary file is removed and ``target`` is left as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide results from the group
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -8,7 +8,6 @@ saved epoch. Checkpoints live under ``<out>/ray/<name>``; the final model is cop
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -23,8 +22,10 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from cluster.claim import claim_out
 from cluster.storage import Location, Storage, parse_uri
 from ultrasound.backbone import ResNet18Backbone, adopt_weights, read_state
+from ultrasound.checkpoint import load_state, save_state
 
 CHECKPOINT_FILE = "state.pt"
 RUN_NAME = "run"
@@ -76,10 +77,19 @@ def fit(
 
     Without ``resume`` an ``out_uri`` that already holds a run is refused (Ray would silently
     resume it); with ``resume`` the loop finds the last checkpoint through ``restore_state``.
+    The run holds the exclusive claim on ``out_uri`` (:mod:`cluster.claim`) while it lasts.
     """
     storage = storage or Storage()
     out = parse_uri(out_uri)
-    storage.check(out, create_bucket=True)
+    with claim_out(out, storage, resume=resume):
+        return _fit_claimed(train_loop, loop_config, datasets, out, scale, resume, storage, keep_checkpoints)
+
+
+def _fit_claimed(train_loop: Callable[[dict], None], loop_config: dict, datasets: dict[str, ray.data.Dataset],
+                 out: Location, scale: ScaleSpec, resume: bool, storage: Storage,
+                 keep_checkpoints: int | None) -> ray.train.Result:
+    """``fit`` once this process holds the claim on ``out``."""
+    out_uri = out.uri
     runs = run_location(out_uri)
     exists = storage.exists(runs.join(RUN_NAME))
     if exists and not resume:
@@ -87,6 +97,8 @@ def fit(
                             f"or choose another --out")
     if resume and not exists:
         raise TrainingError(f"--resume: no run to resume under {out.uri}")
+    if resume:
+        verify_checkpoints(runs.join(RUN_NAME), storage)
     if not runs.is_s3:
         Path(runs.key).mkdir(parents=True, exist_ok=True)
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -123,6 +135,15 @@ def ordered_data_config() -> DataConfig:
     return DataConfig(execution_options=options)
 
 
+def verify_checkpoints(run: Location, storage: Storage) -> None:
+    """Load every checkpoint state of ``run`` safely before a resume, so that a tampered file is
+    refused (CheckpointError naming it) in the driver, before any worker starts."""
+    for name in storage.list_files(run):
+        if name == CHECKPOINT_FILE or name.endswith("/" + CHECKPOINT_FILE):
+            location = run.join(name)
+            load_state(storage.read_bytes(location), location.uri)
+
+
 def tune_report_callbacks() -> list:
     """Inside a Ray Tune trial (``sonoray sweep``), forward every epoch's report to Tune, so its
     scheduler (ASHA) can stop a bad trial early; outside Tune, nothing."""
@@ -146,10 +167,8 @@ def export_final(result: ray.train.Result, out_uri: str, history: list[dict], st
     with result.checkpoint.as_directory() as folder:
         data = (Path(folder) / CHECKPOINT_FILE).read_bytes()
     if exclude:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-        buffer = io.BytesIO()
-        torch.save({k: v for k, v in state.items() if k not in exclude}, buffer)
-        data = buffer.getvalue()
+        state = load_state(data, f"{out.uri} (last checkpoint)")
+        data = save_state({k: v for k, v in state.items() if k not in exclude})
     target = out.join("model.pt")
     storage.write_bytes(target, data)
     storage.write_bytes(out.join("metrics.json"), json.dumps(history, indent=1).encode())
@@ -182,14 +201,20 @@ def restore_state() -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        return read_checkpoint_folder(folder)
+
+
+def read_checkpoint_folder(folder: str | os.PathLike) -> dict:
+    """The state in a Ray Train checkpoint folder, loaded with ``weights_only=True``."""
+    path = Path(folder) / CHECKPOINT_FILE
+    return load_state(path.read_bytes(), str(path))
 
 
 def report_epoch(metrics: dict, state: dict, rank: int) -> None:
     """Every rank reports ``metrics``; rank 0 alone writes ``state`` as the checkpoint."""
     if rank == 0:
         with tempfile.TemporaryDirectory(prefix="sonoray-ckpt-") as folder:
-            torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+            Path(folder, CHECKPOINT_FILE).write_bytes(save_state(state))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
     else:
         ray.train.report(metrics)
@@ -212,7 +237,7 @@ def load_init_backbone(uri: str, channels: int, storage: Storage | None = None
     if not location.is_s3 and not os.path.isfile(location.key):
         raise FileNotFoundError(f"--init: no file at {uri}")
     backbone = ResNet18Backbone(in_channels=channels)
-    missing = adopt_weights(backbone, read_state(storage.read_bytes(location)), uri)
+    missing = adopt_weights(backbone, read_state(storage.read_bytes(location), uri), uri)
     return backbone.state_dict(), missing
 
 

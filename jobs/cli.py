@@ -5,9 +5,11 @@ import argparse
 import importlib
 import sys
 
+from cluster.claim import ClaimError
 from cluster.redact import install_log_redaction
 from cluster.storage import StorageError
 from jobs.output import UserError, fail
+from ultrasound.checkpoint import CheckpointError
 from ultrasound.manifest import ManifestError
 
 # Job modules in the order `sonoray --help` lists them.
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ManifestError, StorageError, FileNotFoundError) as err:
+    except (UserError, ManifestError, StorageError, CheckpointError, ClaimError, FileNotFoundError) as err:
         return fail(str(err))
     except KeyboardInterrupt:
         return fail("interrupted", code=130)

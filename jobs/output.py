@@ -1,10 +1,13 @@
-"""How every job talks to its user: progress on stderr, one JSON object last on stdout."""
+"""How every job talks to its user: progress on stderr, one JSON object last on stdout; every
+line goes through :func:`cluster.redact.redact` first, so no credential reaches the terminal."""
 from __future__ import annotations
 
 import json
 import sys
 import time
 from typing import Any
+
+from cluster.redact import redact
 
 
 class UserError(Exception):
@@ -13,16 +16,16 @@ class UserError(Exception):
 
 def progress(message: str) -> None:
     """One progress line on stderr, with a wall-clock stamp."""
-    print(f"[sonoray {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    print(redact(f"[sonoray {time.strftime('%H:%M:%S')}] {message}"), file=sys.stderr, flush=True)
 
 
 def emit_json(obj: Any) -> None:
     """The machine-readable result: one JSON object, the last line on stdout."""
-    print(json.dumps(obj, sort_keys=False, default=_default), flush=True)
+    print(redact(json.dumps(obj, sort_keys=False, default=_default)), flush=True)
 
 
 def fail(message: str, code: int = 2) -> int:
-    print(f"sonoray: error: {message}", file=sys.stderr, flush=True)
+    print(redact(f"sonoray: error: {message}"), file=sys.stderr, flush=True)
     return code
 
 

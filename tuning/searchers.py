@@ -10,9 +10,13 @@ study (SQLite under --out by default, any SQLAlchemy URL by flag) that a user ca
 - ``grid``: every point of :meth:`SearchSpace.grid` enqueued in the study (conditional
   parameters expanded only where they apply), then drawn in order.
 
-The searcher's saved state (Tune pickles it into the experiment directory, over and over) keeps
-no storage handle: a SQLAlchemy URL may carry a password. A resumed driver re-attaches the
-storage with :func:`attach_storage` before ``Tuner.restore``.
+The searcher's own checkpoint (written by Tune into the experiment directory, over and over) is
+JSON (:meth:`SweepOptunaSearch.save`), and neither it nor the searcher object Tune pickles into
+``tuner.pkl`` keeps a storage handle: a SQLAlchemy URL may carry a password. A resumed driver
+re-attaches the storage with :func:`attach_storage` before ``Tuner.restore``. Ray Tune's own
+experiment files (``tuner.pkl``, ``trainable.pkl``, ``search_gen_state-*.pkl``, the trials in
+``experiment_state-*.json``) are cloudpickles that ``Tuner.restore`` unpickles: that is Tune's
+design and cannot be switched off, so a sweep's ``--out`` must be writable by trusted users only.
 
 Trials stopped early by ASHA are told to Optuna as PRUNED (with the values they reported per
 step), not as complete: TPE then ranks them below every full-length trial instead of mistaking a
@@ -20,7 +24,7 @@ one-epoch score for a final one.
 """
 from __future__ import annotations
 
-import pickle
+import json
 from typing import Any
 
 import optuna
@@ -116,6 +120,35 @@ def make_scheduler(spec: SweepSpec, max_steps: int) -> ASHAScheduler | None:
     )
 
 
+SEARCHER_STATE_FORMAT = "sonoray-optuna-search/1"
+_RNG_OWNERS = ("", "_random_sampler")  # the sampler itself and TPE's fallback random sampler
+
+
+def sampler_rng_states(sampler: optuna.samplers.BaseSampler) -> dict[str, list]:
+    """The numpy RandomState of ``sampler`` (and of its inner random sampler) as JSON lists."""
+    states = {}
+    for owner_name in _RNG_OWNERS:
+        owner = getattr(sampler, owner_name, None) if owner_name else sampler
+        rng = getattr(getattr(owner, "_rng", None), "rng", None)
+        if rng is not None:
+            name, keys, pos, has_gauss, cached = rng.get_state()
+            states[owner_name or "sampler"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    return states
+
+
+def set_sampler_rng_states(sampler: optuna.samplers.BaseSampler, states: dict[str, list]) -> None:
+    """Undo :func:`sampler_rng_states`."""
+    import numpy as np
+
+    for owner_name in _RNG_OWNERS:
+        state = states.get(owner_name or "sampler")
+        owner = getattr(sampler, owner_name, None) if owner_name else sampler
+        rng = getattr(getattr(owner, "_rng", None), "rng", None)
+        if state is not None and rng is not None:
+            name, keys, pos, has_gauss, cached = state
+            rng.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
 class SweepOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna a trial stopped before ``max_steps`` was PRUNED, tags each
     Optuna trial with its Tune trial id, and saves its state without the storage handle."""
@@ -159,13 +192,36 @@ class SweepOptunaSearch(OptunaSearch):
                                            sampler=self._sampler, pruner=optuna.pruners.NopPruner())
         self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, storage_id) for tid, storage_id in trial_ids.items()}
 
+    # -- the searcher checkpoint Tune writes each step: JSON, not a pickle ------------------
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as handle:
-            pickle.dump(self.__getstate__(), handle)
+        """The searcher's progress as JSON (no storage handle, no code): which Optuna trial each
+        Tune trial is, which are complete, the grid points left, the samplers' RNG states."""
+        state = {
+            "format": SEARCHER_STATE_FORMAT,
+            "study_name": self._study_name,
+            "points_to_evaluate": self._points_to_evaluate,
+            "evaluated_rewards": self._evaluated_rewards,
+            "completed_trials": sorted(self._completed_trials),
+            "ot_trials": {tid: t._trial_id for tid, t in self._ot_trials.items()},
+            "rng": sampler_rng_states(self._sampler),
+        }
+        with open(checkpoint_path, "w") as handle:
+            json.dump(state, handle)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as handle:
-            self.__setstate__(pickle.load(handle))
+        """Continue from :meth:`save`'s JSON in the study of the attached storage."""
+        with open(checkpoint_path) as handle:
+            try:
+                state = json.load(handle)
+            except ValueError as err:
+                raise ValueError(f"{checkpoint_path}: not a sonoray searcher state (JSON): {err}") from None
+        if not isinstance(state, dict) or state.get("format") != SEARCHER_STATE_FORMAT:
+            raise ValueError(f"{checkpoint_path}: not a sonoray searcher state ({SEARCHER_STATE_FORMAT})")
+        self._points_to_evaluate = state["points_to_evaluate"]
+        self._evaluated_rewards = state["evaluated_rewards"]
+        self._completed_trials = set(state["completed_trials"])
+        set_sampler_rng_states(self._sampler, state["rng"])
+        self.__setstate__({**self.__dict__, "_study_name": state["study_name"], "_ot_trials": state["ot_trials"]})
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, str) and self.metric not in result:

@@ -42,7 +42,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from cluster.redact import redact
+from cluster.redact import redact, redact_mapping
 from cluster.storage import Location, Storage, StorageConfig, parse_uri
 from tuning import searchers
 from tuning.adapters import ADAPTERS, JobAdapter
@@ -323,7 +323,7 @@ def run_sweep(
             "study_name": spec.name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        storage.write_bytes(layout.manifest, json.dumps(manifest, indent=1).encode())
+        storage.write_bytes(layout.manifest, json.dumps(redact_mapping(manifest), indent=1).encode())
 
     context = TrialContext(adapter=adapter, fixed=fixed, out_uri=layout.out.uri, storage_config=storage.config)
     trainable = tune.with_resources(tune.with_parameters(trial_function, context=context), per_trial.as_tune())

@@ -6,12 +6,11 @@ state dict they obtained themselves (:func:`adopt_weights`).
 """
 from __future__ import annotations
 
-import io
-import pickle
-
 import torch
 from torch import nn
 from torchvision.models import resnet18
+
+from ultrasound.checkpoint import load_state
 
 FEATURE_DIM = 512
 
@@ -54,15 +53,12 @@ class ResNet18Backbone(nn.Module):
         return self.pool(self.feature_map(x)).flatten(1)
 
 
-def read_state(raw: bytes) -> object:
+def read_state(raw: bytes, source: str = "the checkpoint") -> object:
     """A torch-saved object from bytes (a state dict or a checkpoint dict), tensors on CPU.
 
-    Tensors-only files load with ``weights_only``; a sonoray training checkpoint may carry more
-    (history, config objects), which the user chose to hand over, so it loads in full."""
-    try:
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+    Loaded with ``weights_only=True`` only (:func:`ultrasound.checkpoint.load_state`): a file that
+    needs more than plain data raises CheckpointError naming ``source``; it never runs code."""
+    return load_state(raw, source)
 
 
 def adopt_weights(backbone: ResNet18Backbone, state: object, source: str) -> list[str]:

@@ -104,6 +104,33 @@ def safe_relative_path(path: str, root: Path, *, file: str | Path, row: int) -> 
     return posix.as_posix().removeprefix("./")
 
 
+def check_video_id(video_id: str, *, file: str | Path, row: int) -> str:
+    """``video_id`` if it is safe as a name: no ``..`` part, not absolute, no control characters;
+    else ManifestError naming file, row and value."""
+    problem = video_id_problem(video_id)
+    if problem:
+        raise ManifestError(f"{file}: row {row}, column 'video_id': {video_id!r} {problem}")
+    return video_id
+
+
+def video_id_problem(video_id: str) -> str | None:
+    """Why ``video_id`` is unsafe to store or to build a path from, or None."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in video_id):
+        return "contains a control character"
+    if video_id.startswith(("/", "\\")) or (len(video_id) > 2 and video_id[1] == ":" and video_id[2] in "/\\"):
+        return "is an absolute path"
+    if ".." in PurePosixPath(video_id.replace("\\", "/")).parts:
+        return "has a '..' part"
+    return None
+
+
+def safe_file_name(video_id: str) -> str:
+    """A single file-name component derived from ``video_id``: every character other than
+    letters, digits, ``-``, ``_`` and ``.`` becomes ``_``, and no leading dot remains."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in video_id)
+    return cleaned.lstrip(".") or "_"
+
+
 def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
@@ -169,7 +196,7 @@ def parse_generic_manifest(
             skipped.append(SkippedRow(line, rel, "video file not found"))
             continue
         video_id = cell(row, "video_id") if "video_id" in columns else ""
-        video_id = video_id or str(PurePosixPath(rel).with_suffix(""))
+        video_id = check_video_id(video_id or str(PurePosixPath(rel).with_suffix("")), file=csv_path, row=line)
         if video_id in seen:
             raise ManifestError(
                 f"{csv_path}: row {line}: video_id {video_id!r} already used on row {seen[video_id]}"

@@ -355,8 +355,6 @@ def decode_bytes(
     if not data:
         raise VideoError("empty object (0 bytes)")
     try:
-        import av  # noqa: F401
-
         frames = _iter_frames_av(data, sampling, fmt, rng=rng, max_decoded_bytes=max_decoded_bytes,
                                  frame_count=frame_count, fps=fps)
         first = next(frames, None)

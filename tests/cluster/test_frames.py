@@ -5,7 +5,6 @@ import pytest
 
 from cluster.dataset import load_dataset
 from cluster.frames import StreamSpec, drain, frame_stream
-from cluster.storage import parse_uri
 from jobs.cli import main
 from tests.conftest import run_cli
 from ultrasound import phantom

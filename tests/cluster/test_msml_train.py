@@ -113,7 +113,7 @@ def test_report_matches_the_saved_model_on_frames_decoded_without_ray(msml_run, 
     assert split["group_by"] == "patient"
 
     state = torch.load(io.BytesIO(storage.read_bytes(out.join("model.pt"))), map_location="cpu",
-                       weights_only=False)
+                       weights_only=True)
     assert state["epoch"] == EPOCHS and state["split"]["validation"] == split["validation"]
     assert "optimizer" not in state  # what resuming needs stays in the run's checkpoints
     config = MSMLConfig.from_dict(state["config"])
@@ -172,7 +172,7 @@ def test_resume_continues_from_the_saved_epoch(msml_run, msml_phantom, config_ya
     assert result["loss"][:EPOCHS] == pytest.approx(msml_run["loss"], abs=1e-12)  # history kept
     assert len(result["loss"]) == EPOCHS + 1
     state = torch.load(io.BytesIO(storage.read_bytes(parse_uri(out).join("model.pt"))), map_location="cpu",
-                       weights_only=False)
+                       weights_only=True)
     assert state["epoch"] == EPOCHS + 1
 
 

@@ -40,7 +40,7 @@ def load_model_file(uri: str) -> dict:
 
     storage = Storage(StorageConfig.from_env())
     return torch.load(io.BytesIO(storage.read_bytes(parse_uri(uri))), map_location="cpu",
-                      weights_only=False)
+                      weights_only=True)
 
 
 @pytest.mark.slow

@@ -143,3 +143,52 @@ def test_install_is_idempotent_and_removal_restores_plain_records(monkeypatch):
     record = logging.getLogRecordFactory()("x", logging.INFO, __file__, 1, "v=%s", ("log-secret-value-2",), None)
     assert record.getMessage() == "v=log-secret-value-2"
     assert redact_module._installed_filter is None
+
+
+PASSWORD = "pa/ss@w0rd"  # a "/" and an "@": the old pattern stopped at the first of them
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["endpoint-url", "optuna-storage", "api-key-variable"])
+def test_real_command_output_never_shows_a_credential(case, tmp_path, monkeypatch, capsys, ray_cluster):
+    from jobs.cli import main
+    from tests.conftest import run_cli
+
+    (tmp_path / "m.csv").write_text("path\n")
+    ingest = ["ingest", str(tmp_path), "--manifest", str(tmp_path / "m.csv")]
+    if case == "endpoint-url":
+        argv = [*ingest, "--to", "s3://b/x", "--endpoint-url", f"http://u:{PASSWORD}@127.0.0.1:9/"]
+        shown = "http://u:***@127.0.0.1:9/"
+    elif case == "optuna-storage":
+        monkeypatch.setenv("SONORAY_OPTUNA_STORAGE", f"postgresql://:{PASSWORD}@127.0.0.1:9/db")  # empty user
+        argv = ["sweep", "tsal", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "sweep"), "--trials", "1"]
+        shown = "postgresql://:***@127.0.0.1:9/db"
+    else:
+        monkeypatch.setenv("SONORAY_TEST_API_KEY", "zz-" + PASSWORD)
+        argv = [*ingest, "--to", str(tmp_path / f"zz-{PASSWORD}")]
+        shown = "***"
+    code, _ = run_cli(main, argv)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert PASSWORD not in text and "pa/ss" not in text and "w0rd" not in text, text
+    assert shown in text, text
+    saved = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.json"))
+    assert PASSWORD not in saved  # sweep.json and friends: redacted too
+    if case != "api-key-variable":
+        assert code == 2
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("s3://me:a/b@c@minio:9000/bucket/x", "s3://me:***@minio:9000/bucket/x"),
+    ("postgresql://:secret@db:5432/optuna", "postgresql://:***@db:5432/optuna"),
+    ("'mysql://u:x@y@h/db'", "'mysql://u:***@h/db'"),
+    ("s3://bucket/key:with:colons@x", "s3://bucket/key:with:colons@x"),
+])
+def test_url_passwords_with_slashes_ats_and_empty_users_are_masked(text, expected):
+    assert redact(text, []) == expected
+
+
+@pytest.mark.parametrize("name", ["OPENAI_API_KEY", "MINIO_ACCESS_KEY", "OPTUNA_DB_PASSWORD", "GH_TOKEN_X",
+                                  "X_SECRET"])
+def test_credential_variable_names_of_the_ecosystem(name):
+    assert is_secret_name(name)

@@ -251,3 +251,21 @@ def test_principal_components_match_the_svd_and_repeat_exactly():
     # the projection is part of an experiment's id only when it is used
     assert "embedding_dims" not in SimulationConfig().experiment_settings("random")
     assert SimulationConfig(embedding_dims=8).experiment_settings("random")["embedding_dims"] == 8
+
+
+@pytest.mark.timeout(600)
+def test_a_corrupt_round_file_is_recomputed_on_rerun_not_trusted(ray_cluster, storage, phantom_uri, cache_uri,
+                                                                 tmp_path):
+    table, _ = load_samples(load_dataset(phantom_uri, storage), SPEC, parse_uri(cache_uri), storage)
+    out_uri = str(tmp_path / "sim")
+    assert simulate_table(table, CONFIG, out_uri, storage, executor="serial").rounds == 24
+    before = snapshot(storage, out_uri)
+    victims = [s.experiment_id for s in plan_experiments(table, CONFIG)][:2]
+    torn = tmp_path / "sim" / "experiments" / victims[0] / "round_2.parquet"
+    torn.write_bytes(torn.read_bytes()[: len(torn.read_bytes()) // 2])  # a write cut short
+    (tmp_path / "sim" / "experiments" / victims[1] / "round_0.parquet").write_bytes(b"not parquet")
+
+    again = simulate_table(table, CONFIG, out_uri, storage, executor="serial")
+    assert not again.failed
+    assert again.rounds == 2 + 4  # rounds 2-3 of the first victim, all 4 of the second
+    assert snapshot(storage, out_uri) == before

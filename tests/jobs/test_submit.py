@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import hashlib
 import secrets
 import shutil
 import signal
@@ -129,6 +130,9 @@ def _base_env(home: Path) -> dict[str, str]:
 class Head:
     def __init__(self, address: str, token: str, secret: str, s3: LocalS3Server, home: Path, log: Path):
         self.address, self.token, self.secret, self.s3, self.home, self.log = address, token, secret, s3, home, log
+        # the laptop's own S3 secret differs from the node's: a job that sees the node's secret got
+        # it from the node, not from the laptop
+        self.laptop_secret = "laptop-secret-" + secrets.token_hex(12)
 
     def client_env(self, *, token: str | None = "own") -> dict[str, str]:
         """A user's shell: S3 endpoint, the credential, and (unless token=None) the token."""
@@ -137,7 +141,7 @@ class Head:
             "AWS_ENDPOINT_URL": self.s3.endpoint_url,
             "AWS_DEFAULT_REGION": LOCAL_REGION,
             "AWS_ACCESS_KEY_ID": LOCAL_ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_SECRET_ACCESS_KEY": self.laptop_secret,
         })
         if token is not None:
             env["RAY_AUTH_TOKEN"] = self.token if token == "own" else token
@@ -239,7 +243,8 @@ INGEST_SCRIPT = (
     'd=$(mktemp -d) && '
     'sonoray phantom "$d" --videos 4 --frames 8 --size 32 && '
     f'sonoray ingest "$d" --manifest "$d/manifest.csv" --to s3://{BUCKET}/run1 && '
-    'python -c "import os; print(\'node credential:\', os.environ[\'AWS_SECRET_ACCESS_KEY\'])" && '
+    'python -c "import os, hashlib; print(\'node credential sha256:\', '
+    'hashlib.sha256(os.environ[\'AWS_SECRET_ACCESS_KEY\'].encode()).hexdigest())" && '
     'rm -rf "$d"'
 )
 
@@ -283,20 +288,22 @@ class TestAgainstRealHead:
         for run in (result, logs, status, listing):
             assert run.returncode == 0, run.stderr
             for text in (run.stdout, run.stderr):
-                assert head.secret not in text
+                assert head.secret not in text and head.laptop_secret not in text
                 assert head.token not in text
-        # the job printed the node's credential; what reached the user is masked
-        assert "node credential: ***" in result.stdout
-        assert "node credential: ***" in logs.stdout
+        # the job saw the node's credential (by its digest), not the laptop's: it was not forwarded
+        node_digest = hashlib.sha256(head.secret.encode()).hexdigest()
+        assert f"node credential sha256: {node_digest}" in result.stdout
+        assert f"node credential sha256: {node_digest}" in logs.stdout
+        assert hashlib.sha256(head.laptop_secret.encode()).hexdigest() not in result.stdout
         # what the cluster stores about the job: the endpoint was forwarded, credentials were not
         stored = requests.get(f"{head.address}/api/jobs/{job_id}",
                               headers={"Authorization": f"Bearer {head.token}"}, timeout=10).text
         assert head.s3.endpoint_url in stored
-        assert head.secret not in stored and LOCAL_ACCESS_KEY not in stored
+        assert head.secret not in stored and head.laptop_secret not in stored and LOCAL_ACCESS_KEY not in stored
         assert json.loads(status.stdout.splitlines()[-1])["env_vars"]["AWS_ENDPOINT_URL"] == head.s3.endpoint_url
 
     def test_command_line_carrying_a_credential_is_refused(self, head):
-        result = head.sonoray("submit", "--address", head.address, "--", "echo", head.secret)
+        result = head.sonoray("submit", "--address", head.address, "--", "echo", head.laptop_secret)
         assert result.returncode == 2
         assert "AWS_SECRET_ACCESS_KEY" in result.stderr and "refusing to submit" in result.stderr
         assert head.secret not in result.stdout + result.stderr

@@ -1,6 +1,8 @@
 """Searchers (OptunaSearch over the SPEC's space) driven by hand, without a Tune run."""
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 
@@ -44,9 +46,10 @@ def test_saved_state_has_no_storage_and_resumes_into_the_same_study(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     search = searchers.make_searcher(spec_of(), trials=4, storage=searchers.open_storage(url), max_steps=2)
     config = search.suggest("t0")
-    path = tmp_path / "searcher.pkl"
+    path = tmp_path / "searcher.json"
     search.save(str(path))
     assert url.encode() not in path.read_bytes()  # a database URL may hold a password
+    assert list(json.loads(path.read_text())["ot_trials"]) == ["t0"]  # JSON, not a pickle
 
     searchers.attach_storage("s", searchers.open_storage(url))  # a new driver re-attaches it
     restored = searchers.make_searcher(spec_of(), trials=4, storage=searchers.open_storage(url), max_steps=2)
@@ -128,3 +131,26 @@ def test_results_without_the_metric_are_skipped(tmp_path):
     search.on_trial_complete("t0", {"score": 0.4, "training_iteration": 3})
     trial = optuna.load_study(study_name="s", storage=store).trials[0]
     assert trial.intermediate_values == {} and trial.value == 0.4
+
+
+def test_restored_searcher_draws_what_the_saved_one_would_have(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    search = searchers.make_searcher(spec_of(searcher="random"), trials=4, storage=searchers.open_storage(url),
+                                     max_steps=2)
+    search.suggest("t0")
+    path = tmp_path / "searcher.json"
+    search.save(str(path))
+    restored = searchers.make_searcher(spec_of(searcher="random"), trials=4, storage=searchers.open_storage(url),
+                                       max_steps=2)
+    restored.restore(str(path))
+    assert restored.suggest("t1") == search.suggest("t1")  # the sampler's RNG state came back
+
+
+def test_a_pickled_searcher_state_is_refused(tmp_path):
+    import pickle
+
+    path = tmp_path / "searcher.pkl"
+    path.write_bytes(pickle.dumps({"a": 1}))
+    search = searchers.make_searcher(spec_of(), trials=4, storage=storage(tmp_path), max_steps=2)
+    with pytest.raises(ValueError, match=r"searcher\.pkl: not a sonoray searcher state \(JSON\)"):
+        search.restore(str(path))

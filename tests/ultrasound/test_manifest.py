@@ -100,3 +100,33 @@ def test_pocus_sheet_rows_are_each_accepted_or_reported(pocus_dir):
     assert len(records) == 129 and findings[2] == "B-lines"
     video_files = [p for p in (pocus_dir / "videos").rglob("*") if p.is_file()]
     assert len(records) + sum("malformed" in s.reason for s in skipped) == len(video_files)
+
+
+@pytest.mark.parametrize(("video_id", "problem"), [
+    ("../../x", "has a '..' part"), ("a/../../b", "has a '..' part"), ("/etc/passwd", "is an absolute path"),
+    ("C:\\\\x", "is an absolute path"), ("clip\n1", "contains a control character"),
+])
+def test_an_unsafe_video_id_is_refused_at_ingest_naming_the_row(tmp_path, video_id, problem):
+    (tmp_path / "a.mp4").write_bytes(b"")
+    (tmp_path / "b.mp4").write_bytes(b"")
+    csv_path = write_manifest(tmp_path, [{"path": "a.mp4", "video_id": "fine"},
+                                         {"path": "b.mp4", "video_id": video_id}])
+    with pytest.raises(ManifestError) as err:
+        parse_generic_manifest(csv_path, tmp_path, findings=[])
+    assert str(err.value) == f"{csv_path}: row 3, column 'video_id': {video_id!r} {problem}"
+
+
+def test_file_names_from_video_ids_stay_one_component():
+    from ultrasound.manifest import safe_file_name
+
+    assert safe_file_name("../../x") == "_.._x"
+    assert "/" not in safe_file_name("a/b\\c") and safe_file_name("a/b\\c") == "a_b_c"
+    assert safe_file_name("patient 7:clip") == "patient_7_clip"
+
+
+def test_a_stored_key_with_dotdot_is_refused_when_joined():
+    from cluster.storage import parse_uri
+
+    with pytest.raises(ValueError, match=r"refusing to join 'videos/\.\./\.\./x': it has a '\.\.' part"):
+        parse_uri("s3://b/data").join("videos/../../x")
+    assert parse_uri("s3://b/data").join("videos", "a..b.mp4").uri == "s3://b/data/videos/a..b.mp4"
