@@ -43,6 +43,7 @@ def claim_out(out: Location, storage: Storage, *, resume: bool = False,
         return
     location = out.join(CLAIM_FILE)
     storage.check(out, create_bucket=True)
+    created_folder = not out.is_s3 and not os.path.exists(out.key)
     _acquire(location, storage, resume, stale_s)
     held.add(out.uri)
     stop = threading.Event()
@@ -56,6 +57,9 @@ def claim_out(out: Location, storage: Storage, *, resume: bool = False,
         beat.join(timeout=10)
         held.discard(out.uri)
         storage.delete(location)
+        if created_folder:  # a run refused before it wrote anything leaves no empty --out behind
+            with contextlib.suppress(OSError):
+                os.rmdir(out.key)
 
 
 def _record(started: float | None = None) -> bytes:
