@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -48,6 +49,10 @@ from ultrasound.video import (
 )
 
 FRAMES_PER_BATCH = 128
+# Clips read from the cache are a few frames per video: one task takes several videos and fetches
+# their shards concurrently, so per-task overhead and object-store latency do not dominate.
+CLIP_VIDEOS_PER_TASK = 8
+SHARD_FETCHES = 4
 BATCH_BYTES = 8 * 1024**2  # a yielded batch closes at 128 frames or 8 MiB, whichever comes first
 
 
@@ -95,6 +100,8 @@ class StreamLog:
         return list(self._items)
 
     def cache_event(self, kind: str, nbytes: int = 0) -> None:
+        """Called and awaited by the decode tasks, so a pass's counts are complete when it ends
+        (calls from different processes to one actor are not ordered)."""
         self._cache[kind] += 1
         self._cache["bytes_read" if kind == "hits" else "bytes_written"] += int(nbytes)
 
@@ -118,20 +125,28 @@ def _video_rng(spec: StreamSpec, video_id: str) -> np.random.Generator:
     return np.random.default_rng([digest, spec.seed])
 
 
-def _read_shard(storage: Storage, location: Location, sha256: str, log) -> Shard | None:
-    """The cached shard, or None when it is missing or cannot be trusted (then it is rebuilt)."""
+def _fetch_shard(storage: Storage, location: Location) -> bytes | None:
+    """A shard's bytes, or None when there is none yet."""
     try:
-        data = storage.read_bytes(location)
+        return storage.read_bytes(location)
     except (OSError, RuntimeError):
         if not storage.exists(location):
             return None
         raise
+
+
+def _read_shard(storage: Storage, location: Location, sha256: str, log, fetched=None) -> Shard | None:
+    """The cached shard (``fetched``: its bytes, already read), or None when it is missing or
+    cannot be trusted (then it is rebuilt)."""
+    data = _fetch_shard(storage, location) if fetched is None else fetched()
+    if data is None:
+        return None
     try:
         shard = decode_shard(data, sha256)
     except CacheError:
-        log.cache_event.remote("rebuilt")
+        ray.get(log.cache_event.remote("rebuilt"))
         return None
-    log.cache_event.remote("hits", len(data))
+    ray.get(log.cache_event.remote("hits", len(data)))
     return shard
 
 
@@ -140,15 +155,15 @@ def _build_shard(storage: Storage, location: Location, meta: dict, frames: list,
     try:
         data = encode_shard(frames, str(meta["video_id"]), str(meta["sha256"]))
         storage.write_bytes(location, data)
-        log.cache_event.remote("built", len(data))
+        ray.get(log.cache_event.remote("built", len(data)))
     except (OSError, RuntimeError, CacheError):
-        log.cache_event.remote("write_errors")
+        ray.get(log.cache_event.remote("write_errors"))
     return Shard(np.array([f[0] for f in frames], dtype=np.int64), np.array([f[1] for f in frames]),
                  np.stack([f[2] for f in frames]))
 
 
 def _video_frames(meta: dict, spec: StreamSpec, storage: Storage, root: Location, cache: CacheLocation | None,
-                  log):
+                  log, fetched=None):
     """The sampled ``(frame_index, timestamp, image)`` of one video: from its cache shard when
     there is one, else decoded from the object (and cached)."""
     key = str(meta["key"])
@@ -159,7 +174,7 @@ def _video_frames(meta: dict, spec: StreamSpec, storage: Storage, root: Location
     if cache is None:
         return decode_bytes(storage.read_bytes(root.join(key)), suffix, spec.sampling, spec.fmt, rng=rng, **decode)
     location = cache.shard(str(meta["sha256"]))
-    shard = _read_shard(storage, location, str(meta["sha256"]), log)
+    shard = _read_shard(storage, location, str(meta["sha256"]), log, fetched)
     if shard is None:
         frames = list(decode_bytes(storage.read_bytes(root.join(key)), suffix, base_sampling(spec.sampling),
                                    spec.fmt, **decode))
@@ -177,16 +192,24 @@ _META_COLUMNS = ("video_id", "patient_id", "key", "label")
 
 def _decode_video_batches(batch: dict, *, spec: StreamSpec, storage_config: StorageConfig,
                           root_uri: str, log, n_findings: int, cache_key: str | None):
-    """Ray Data map_batches generator: one manifest row in, batches of frames out."""
+    """Ray Data map_batches generator: manifest rows in (one per video, several in clips mode),
+    batches of frames out. Several videos' cache shards are fetched concurrently."""
     storage = Storage(storage_config)
     root = parse_uri(root_uri)
     cache = CacheLocation(root.join(CACHE_FOLDER, cache_key), cache_key) if cache_key else None
-    for i in range(len(batch["video_id"])):
+    n = len(batch["video_id"])
+    prefetch = None
+    if cache is not None and n > 1:
+        pool = ThreadPoolExecutor(max_workers=min(n, SHARD_FETCHES))
+        prefetch = [pool.submit(_fetch_shard, storage, cache.shard(str(sha))) for sha in batch["sha256"]]
+        pool.shutdown(wait=False)
+    for i in range(n):
         meta = {name: batch[name][i] for name in (*_META_COLUMNS, "frame_count", "fps", "sha256")}
         findings = np.asarray(batch["findings"][i], dtype=np.float32).reshape(n_findings)
         labels = {name: meta[name] for name in _META_COLUMNS}
         try:
-            frames = _video_frames(meta, spec, storage, root, cache, log)
+            frames = _video_frames(meta, spec, storage, root, cache, log,
+                                   prefetch[i].result if prefetch is not None else None)
             if spec.mode == "clips":
                 yield _clip_batch(list(frames), labels, findings, spec.sampling.per_video)
             else:
@@ -309,9 +332,10 @@ def frame_stream(data: IngestedDataset, spec: StreamSpec) -> FrameStream:
             raise ValueError(f"cannot write the frame cache under {cache.root.uri} ({err}): "
                              f"pass --no-cache to decode without it") from err
     log = StreamLog.remote()
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    per_task = CLIP_VIDEOS_PER_TASK if spec.mode == "clips" and cache is not None else 1
+    ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_task)).map_batches(
         _decode_video_batches,
-        batch_size=1,
+        batch_size=per_task,
         num_cpus=spec.cpus_per_task,
         fn_kwargs=dict(
             spec=spec,

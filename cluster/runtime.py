@@ -45,9 +45,9 @@ def _quiet_data_progress() -> None:
     ctx.enable_progress_bars = os.environ.get("SONORAY_PROGRESS_BARS", "0") == "1"
     ctx.print_on_execution_start = False
     # Ray Data reserves each operator a share of the cluster; on a small cluster that held the
-    # frame stream's one decode operator to one task at a time on 2 CPUs (POCUS, 224 px, every
-    # frame: 995 frames/s with the reservation, 1,504 without; benchmarks/frame_stream.py). The
-    # resource-budget backpressure still bounds what the stream holds in memory.
+    # frame stream's one decode operator to one task at a time on 2 CPUs (POCUS, 224 px, 3 fps,
+    # cold workers: 160 frames/s with the reservation, 231 without). The resource-budget
+    # backpressure still bounds what the stream holds in memory.
     ctx.op_resource_reservation_enabled = False
 
 
