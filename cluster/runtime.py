@@ -19,6 +19,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     """
     if ray.is_initialized():
         return _describe()
+    _forward_ray_output_to_stderr()
     address = address or os.environ.get("RAY_ADDRESS") or None
     common = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address:
@@ -34,6 +35,24 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         )
     _quiet_data_progress()
     return _describe()
+
+
+def _forward_ray_output_to_stderr() -> None:
+    """Print what Ray forwards from its workers and raylet (their stdout too, e.g. the raylet's
+    "N PYTHON worker processes have been started" warning) on stderr: stdout is sonoray's own,
+    so that a job's ``--json`` object is the last line there. Must run before ``ray.init``, which
+    binds the printer."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_sonoray_stderr", False):
+        return
+
+    def to_stderr(data, ignore_prefix: bool):
+        return original({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr._sonoray_stderr = True
+    ray_worker.print_to_stdstream = to_stderr
 
 
 def _quiet_data_progress() -> None:
