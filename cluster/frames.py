@@ -115,9 +115,6 @@ class StreamLog:
         return self._abort
 
 
-FailureLog = StreamLog  # the name older code and tests use
-
-
 def _video_rng(spec: StreamSpec, video_id: str) -> np.random.Generator:
     digest = int.from_bytes(hashlib.sha256(video_id.encode()).digest()[:8], "little")
     if spec.seed is None:
@@ -263,10 +260,6 @@ class FrameStream:
     n_videos: int
     findings: list[str]
     cache_uri: str | None = None
-
-    @property
-    def failures(self) -> ray.actor.ActorHandle:
-        return self.log
 
     def failed(self) -> list[dict]:
         """Every (key, reason) recorded, over every pass (an epoch that re-reads a failing video

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -294,8 +295,6 @@ def stop_run(log, message: str, rank: int) -> None:
     if rank == 0 and log is not None:
         ray.get(log.abort.remote(message))
     if rank == 0:
-        import sys
-
         sys.stderr.write(f"stopping: {message}\n")
         sys.stderr.flush()
 
