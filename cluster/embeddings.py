@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import ray
 
+from cluster.completion import check_model_file
 from cluster.dataset import IngestedDataset
 from cluster.frames import StreamSpec, frame_stream
 from cluster.storage import Location, Storage, parse_uri
@@ -158,8 +159,9 @@ def load_samples(
 ) -> tuple[SampleTable, bool]:
     """The sample table, from the cache or computed (and cached); returns ``(table, cached)``."""
     checkpoint = storage.read_bytes(parse_uri(spec.init)) if spec.init else None
-    if checkpoint is not None:
-        load_state(checkpoint, spec.init)  # refuse a file that is not plain data before any work
+    if checkpoint is not None:  # refuse an unfinished run's model, or one that is not plain
+        check_model_file(parse_uri(spec.init), checkpoint, storage)  # data, before any work
+        load_state(checkpoint, spec.init)
     checkpoint_sha = hashlib.sha256(checkpoint).hexdigest() if checkpoint is not None else None
     key = cache_key(data, spec, checkpoint_sha)
     location = cache.join(f"{spec.kind}-{key}.npz")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cluster.completion import check_model_file
 from cluster.dataset import IngestedDataset
 from cluster.frames import StreamSpec, frame_stream
 from cluster.storage import Storage, parse_uri
@@ -215,7 +216,9 @@ def load_checkpoint(uri: str, storage: Storage | None = None) -> LoadedCheckpoin
     location = parse_uri(uri)
     if not storage.exists(location):
         raise FileNotFoundError(f"no checkpoint at {location.uri}")
-    blob = load_state(storage.read_bytes(location), location.uri)
+    data = storage.read_bytes(location)
+    check_model_file(location, data, storage)
+    blob = load_state(data, location.uri)
     if not isinstance(blob, dict):
         raise EvaluationError(f"{location.uri} holds a {type(blob).__name__}, not a state dict")
     if isinstance(blob.get("model"), dict):

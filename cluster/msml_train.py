@@ -35,6 +35,7 @@ import ray
 import torch
 
 from cluster.claim import claim_out
+from cluster.completion import FinalFiles
 from cluster.dataset import IngestedDataset
 from cluster.frames import StreamSpec, frame_stream
 from cluster.storage import Location, Storage, parse_uri
@@ -392,7 +393,8 @@ def run_msml_claimed(
     with result.checkpoint.as_directory() as folder:
         final = read_checkpoint_folder(folder)
     history = final["history"]
-    checkpoint_uri = export_final(result, out.uri, history, storage, exclude=("optimizer",))
+    files = FinalFiles(out, storage)
+    checkpoint_uri = export_final(result, files, history, exclude=("optimizer",))
     model = MSMLNet(config)
     model.load_state_dict(final["model"])
     probs = msml_predict(model, validation.images, config.image_size)
@@ -400,10 +402,9 @@ def run_msml_claimed(
     report.update(epochs=int(final["epoch"]), config=config.to_dict(), split=split.as_dict(),
                   positive_weights=dict(zip(config.findings, weights.weights.tolist())),
                   init=options.init_uri, init_missing=init_missing, skipped_videos=skipped)
-    report_uri = out.join(REPORT_FILE)
-    storage.write_bytes(report_uri, json.dumps(report, indent=1).encode())
-    gradcams = save_gradcams(model, validation, probs, report, config, out.join(GRADCAM_FOLDER), storage,
-                             limit=options.gradcam)
+    report_uri = files.write(REPORT_FILE, json.dumps(report, indent=1).encode())
+    gradcams = save_gradcams(model, validation, probs, report, config, files, limit=options.gradcam)
+    files.complete()
     on_progress(f"msml: validation mAP {report['map']:.3f} (chance {report['chance_map']:.3f}), "
                 f"macro-F1 {report['macro_f1']:.3f}, micro-F1 {report['micro_f1']:.3f}, "
                 f"hamming {report['hamming_loss']:.3f}; {len(gradcams)} Grad-CAM overlays")
@@ -468,10 +469,10 @@ def _config_and_split(data: IngestedDataset, config: MSMLConfig, options: MSMLRu
 
 
 def save_gradcams(model: MSMLNet, frames: LabelledFrames, probs: np.ndarray, report: dict,
-                  config: MSMLConfig, folder: Location, storage: Storage, limit: int = 6) -> list[str]:
-    """Grad-CAM overlays (PNG) for up to ``limit`` validation frames, one per finding that has a
-    positive validation frame: the positive frame the model scores highest for that finding.
-    Returns the URIs written."""
+                  config: MSMLConfig, files: FinalFiles, limit: int = 6) -> list[str]:
+    """Grad-CAM overlays (PNG, under ``gradcam/`` of the run) for up to ``limit`` validation
+    frames, one per finding that has a positive validation frame: the positive frame the model
+    scores highest for that finding. Returns the URIs written."""
     written = []
     scored = [f for f in config.findings if f in report["per_finding_ap"]]
     others = [f for f in config.findings if f not in scored]
@@ -489,7 +490,6 @@ def save_gradcams(model: MSMLNet, frames: LabelledFrames, probs: np.ndarray, rep
         ok, png = cv2.imencode(".png", overlay(np.ascontiguousarray(gray), heat))
         if not ok:
             raise TrainingError(f"could not encode the Grad-CAM overlay of {name}")
-        target = folder.join(f"{name}_{safe_file_name(frames.video_ids[pick])}_f{int(frames.frame_index[pick]):05d}.png")
-        storage.write_bytes(target, png.tobytes())
-        written.append(target.uri)
+        file_name = f"{name}_{safe_file_name(frames.video_ids[pick])}_f{int(frames.frame_index[pick]):05d}.png"
+        written.append(files.write(f"{GRADCAM_FOLDER}/{file_name}", png.tobytes()).uri)
     return written

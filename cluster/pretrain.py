@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.claim import claim_out
+from cluster.completion import FinalFiles
 from cluster.dataset import IngestedDataset
 from cluster.evaluate import HoldoutSpec
 from cluster.frames import StreamSpec, frame_stream
@@ -246,9 +247,11 @@ def pretrain_claimed(
     with result.checkpoint.as_directory() as folder:
         final = read_checkpoint_folder(folder)
     history = list(final["history"])
-    uri = export_final(result, out_uri, history, storage=storage, exclude=("optimizer",))
+    files = FinalFiles(out, storage)
+    uri = export_final(result, files, history, exclude=("optimizer",))
     skipped = stream.skipped_videos() if stream is not None else []
-    storage.write_bytes(out.join(RUN_SPEC_FILE), json.dumps({**spec, "skipped_videos": skipped}, indent=1).encode())
+    files.write(RUN_SPEC_FILE, json.dumps({**spec, "skipped_videos": skipped}, indent=1).encode())
+    files.complete()
     return PretrainResult(history, uri, steady_images_per_s(history), list(final["classes"]),
                           list(final["labelled_video_ids"]), skipped,
                           stream.cache_stats() if stream is not None and stream.cache_uri else None)

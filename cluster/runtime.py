@@ -39,17 +39,21 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
 
 def _forward_ray_output_to_stderr() -> None:
     """Print what Ray forwards from its workers and raylet (their stdout too, e.g. the raylet's
-    "N PYTHON worker processes have been started" warning) on stderr: stdout is sonoray's own,
-    so that a job's ``--json`` object is the last line there. Must run before ``ray.init``, which
-    binds the printer."""
+    "N PYTHON worker processes have been started" warning) on stderr, redacted: stdout is
+    sonoray's own, so that a job's ``--json`` object is the last line there, and a worker that
+    prints a credential (a traceback holding a URL with its password) shows it masked. Must run
+    before ``ray.init``, which binds the printer."""
     import ray._private.worker as ray_worker
+
+    from cluster.redact import redact
 
     original = ray_worker.print_to_stdstream
     if getattr(original, "_sonoray_stderr", False):
         return
 
     def to_stderr(data, ignore_prefix: bool):
-        return original({**data, "is_err": True}, ignore_prefix)
+        lines = [redact(line) for line in data.get("lines", [])]
+        return original({**data, "lines": lines, "is_err": True}, ignore_prefix)
 
     to_stderr._sonoray_stderr = True
     ray_worker.print_to_stdstream = to_stderr

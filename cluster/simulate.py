@@ -37,6 +37,7 @@ import json
 import os
 import re
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -70,6 +71,7 @@ SPLIT_STREAM = 2_147_483_647  # the split's generator is default_rng([seed, SPLI
 ROUND_FILE = re.compile(r"^round_(\d+)\.parquet$")
 META_KEY = b"sonoray.round"
 ORACLE_LOG = "oracle_log.parquet"
+ORACLE_ACTOR_PREFIX = "sonoray-oracle-"
 
 # fields of SimulationConfig that decide a result, by who reads them
 _COMMON_FIELDS = ("initial", "per_round", "mode", "test_fraction", "noise", "cost_unit")
@@ -870,8 +872,9 @@ def _run_ray(table, config, todo, todo_refs, splits, storage, out, fault, init_b
 
     if not todo and not todo_refs:
         return [], []
-    oracle = Oracle.remote(table.labels, table.video_id, cost_unit=config.cost_unit, audit_cost=config.audit_cost,
-                           noise=config.noise)
+    # named, so that it can be found (dashboard, `ray list actors`, fault tests) and killed
+    oracle = Oracle.options(name=f"{ORACLE_ACTOR_PREFIX}{uuid.uuid4().hex[:12]}").remote(
+        table.labels, table.video_id, cost_unit=config.cost_unit, audit_cost=config.audit_cost, noise=config.noise)
     counter = RoundCounter.remote()
     features = ray.put(table.features)
     split_refs = {seed: ray.put(split) for seed, split in splits.items()}

@@ -4,7 +4,8 @@ Jobs (pretrain, msml) hand ``fit`` a per-worker loop, its config and their Ray D
 uses the helpers below (``worker_context``, ``report_epoch``, ``restore_state``) so that only rank 0
 writes checkpoints, every rank reports, and a resumed or retried run continues from the last
 saved epoch. Checkpoints live under ``<out>/ray/<name>``; the final model is copied to
-``<out>/model.pt`` and the per-epoch metrics to ``<out>/metrics.json``.
+``<out>/model.pt`` and the per-epoch metrics to ``<out>/metrics.json``, and ``complete.json``,
+written last, says the run's final files are all there (:mod:`cluster.completion`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from cluster.claim import claim_out
+from cluster.completion import FinalFiles, check_model_file, clear_complete
 from cluster.storage import Location, Storage, parse_uri
 from ultrasound.backbone import ResNet18Backbone, adopt_weights, read_state
 from ultrasound.checkpoint import load_state, save_state
@@ -100,6 +102,7 @@ def _fit_claimed(train_loop: Callable[[dict], None], loop_config: dict, datasets
         raise TrainingError(f"--resume: no run to resume under {out.uri}")
     if resume:
         verify_checkpoints(runs.join(RUN_NAME), storage)
+    clear_complete(out, storage)  # complete again only once this run has written its final files
     if not runs.is_s3:
         Path(runs.key).mkdir(parents=True, exist_ok=True)
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -137,12 +140,48 @@ def ordered_data_config() -> DataConfig:
 
 
 def verify_checkpoints(run: Location, storage: Storage) -> None:
-    """Load every checkpoint state of ``run`` safely before a resume, so that a tampered file is
-    refused (CheckpointError naming it) in the driver, before any worker starts."""
+    """Load the checkpoint states a resume may restore safely, in the driver, before any worker
+    starts, so that a tampered file is refused (CheckpointError naming it).
+
+    Those are the checkpoints Ray Train's snapshot of the run registers. A checkpoint folder it
+    does not register is an upload a killed run left half done (Ray Train copies a checkpoint
+    into storage file by file and registers it once whole): Ray never restores it, so it is not
+    read. Without a readable snapshot every state file is checked."""
+    registered = _registered_checkpoints(run, storage)
     for name in storage.list_files(run):
         if name == CHECKPOINT_FILE or name.endswith("/" + CHECKPOINT_FILE):
+            folder = name.rsplit("/", 2)[-2] if "/" in name else ""
+            if registered is not None and folder not in registered:
+                continue
             location = run.join(name)
             load_state(storage.read_bytes(location), location.uri)
+
+
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
+
+
+def _registered_checkpoints(run: Location, storage: Storage) -> set[str] | None:
+    """The checkpoint folder names Ray Train's snapshot of ``run`` lists, or None without one."""
+    location = run.join(RAY_SNAPSHOT_FILE)
+    try:
+        snapshot = json.loads(storage.read_bytes(location))
+    except (OSError, ValueError):
+        return None
+    names: set[str] = set()
+
+    def collect(node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "checkpoint_dir_name" and isinstance(value, str):
+                    names.add(value)
+                else:
+                    collect(value)
+        elif isinstance(node, list):
+            for item in node:
+                collect(item)
+
+    collect(snapshot)
+    return names
 
 
 def tune_report_callbacks() -> list:
@@ -156,24 +195,21 @@ def tune_report_callbacks() -> list:
         return []
 
 
-def export_final(result: ray.train.Result, out_uri: str, history: list[dict], storage: Storage | None = None,
+def export_final(result: ray.train.Result, files: FinalFiles, history: list[dict],
                  exclude: tuple[str, ...] = ()) -> str:
-    """Copy the last checkpoint's state to ``<out>/model.pt`` and the history to
-    ``<out>/metrics.json``; returns the model URI. ``exclude`` drops top-level keys of the state
-    (e.g. ``("optimizer",)``: what resuming needs but a finished model does not)."""
-    storage = storage or Storage()
-    out = parse_uri(out_uri)
+    """Write the last checkpoint's state as ``model.pt`` and the history as ``metrics.json``
+    through ``files`` (the job adds its own records, then calls ``files.complete()``); returns
+    the model URI. ``exclude`` drops top-level keys of the state (e.g. ``("optimizer",)``: what
+    resuming needs but a finished model does not)."""
     if result.checkpoint is None:
-        raise TrainingError(f"training under {out.uri} produced no checkpoint")
+        raise TrainingError(f"training under {files.out.uri} produced no checkpoint")
     with result.checkpoint.as_directory() as folder:
         data = (Path(folder) / CHECKPOINT_FILE).read_bytes()
     if exclude:
-        state = load_state(data, f"{out.uri} (last checkpoint)")
+        state = load_state(data, f"{files.out.uri} (last checkpoint)")
         data = save_state({k: v for k, v in state.items() if k not in exclude})
-    target = out.join("model.pt")
-    storage.write_bytes(target, data)
-    storage.write_bytes(out.join("metrics.json"), json.dumps(history, indent=1).encode())
-    return target.uri
+    files.write("metrics.json", json.dumps(history, indent=1).encode())
+    return files.write("model.pt", data).uri
 
 
 # -- inside a worker ---------------------------------------------------------------------
@@ -238,7 +274,9 @@ def load_init_backbone(uri: str, channels: int, storage: Storage | None = None
     if not location.is_s3 and not os.path.isfile(location.key):
         raise FileNotFoundError(f"--init: no file at {uri}")
     backbone = ResNet18Backbone(in_channels=channels)
-    missing = adopt_weights(backbone, read_state(storage.read_bytes(location), uri), uri)
+    data = storage.read_bytes(location)
+    check_model_file(location, data, storage)
+    missing = adopt_weights(backbone, read_state(data, uri), uri)
     return backbone.state_dict(), missing
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from cluster.claim import ClaimError
-from cluster.redact import install_log_redaction
+from cluster.redact import install_log_redaction, redact
 from cluster.storage import StorageError
 from jobs.output import UserError, fail
 from ultrasound.checkpoint import CheckpointError
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(err))
     except KeyboardInterrupt:
         return fail("interrupted", code=130)
+    except Exception as err:  # a bug or an unforeseen failure: the traceback helps, redacted
+        sys.stderr.write(redact(traceback.format_exc()))
+        return fail(f"{args.command} failed unexpectedly ({type(err).__name__}): {err}", code=1)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,63 @@ def test_a_worker_killed_mid_run_is_retried_and_the_run_completes(phantom16_uri,
     assert os.path.exists(tmp_path / "run" / "model.pt")
 
 
+def saved_epoch(out) -> int | None:
+    """The epoch of the newest checkpoint Ray Train has registered for the run under ``out``
+    (what a resume starts after), or None while there is none."""
+    snapshot = out / "ray" / "run" / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (OSError, ValueError):
+        return None
+    return None if not latest else int(latest["metrics"]["epoch"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_driver_killed_mid_epoch_resumes_with_no_epoch_lost_or_repeated(phantom16_uri, ray_cluster, tmp_path):
+    """The `sonoray pretrain` process (its own driver, on this session's cluster) is SIGKILLed in
+    the epoch after its second checkpoint; `--resume` then trains each remaining epoch once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    out = tmp_path / "run"
+    epochs = 8
+    argv = ["pretrain", "--data", phantom16_uri, "--out", str(out), "--epochs", str(epochs), *SMALL,
+            "--unlabelled"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    with open(tmp_path / "killed.log", "wb") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        try:
+            deadline = time.monotonic() + 300
+            while (saved_epoch(out) or 0) < 1 and driver.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and whatever it started, nothing else
+            driver.wait(timeout=30)
+    killed_after = saved_epoch(out)
+    log_text = (tmp_path / "killed.log").read_text(errors="replace")
+    assert killed_after is not None and 1 <= killed_after < epochs - 1, log_text[-3000:]
+    assert not (out / "model.pt").exists() and not (out / "complete.json").exists()
+
+    code, resumed = run_cli(main, [*argv, "--resume", "--json"])
+    assert code == 0
+    history = load_model_file(resumed["checkpoint"])["history"]
+    assert [h["epoch"] for h in history] == list(range(epochs))  # none lost, none twice
+    first, second = history[0]["run_id"], history[-1]["run_id"]
+    assert first != second
+    assert [h["run_id"] for h in history] == [first] * (killed_after + 1) + [second] * (epochs - killed_after - 1)
+    assert all(h["session_start"] == killed_after + 1 for h in history[killed_after + 1:])
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(history))
+    marker = json.loads((out / "complete.json").read_text())
+    assert set(marker["files"]) == {"model.pt", "metrics.json", "pretrain.json"}
+
+
 def test_config_file_with_an_unknown_key_fails_naming_the_valid_ones(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: 1e-3\ntemprature: 0.2\n")

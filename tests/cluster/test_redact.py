@@ -192,3 +192,45 @@ def test_url_passwords_with_slashes_ats_and_empty_users_are_masked(text, expecte
                                   "X_SECRET"])
 def test_credential_variable_names_of_the_ecosystem(name):
     assert is_secret_name(name)
+
+
+def test_an_unexpected_failure_prints_its_traceback_redacted(monkeypatch, capsys):
+    """A bug's traceback is shown (it helps) but a URL password or a credential in it is masked."""
+    import jobs.cli as cli
+    import jobs.frames
+
+    monkeypatch.setenv("SONORAY_TEST_TOKEN", "tok-" + PASSWORD)
+
+    def broken(args):
+        raise RuntimeError(f"boom at s3://me:{PASSWORD}@minio:9000/b with tok-{PASSWORD}")
+
+    monkeypatch.setattr(jobs.frames, "run", broken)  # the parser binds each job's run when built
+    code = cli.main(["frames", "/nowhere"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "RuntimeError" in err
+    assert PASSWORD not in err and "pa/ss" not in err
+    assert "s3://me:***@minio:9000/b" in err
+    assert err.strip().splitlines()[-1].startswith("sonoray: error: frames failed unexpectedly (RuntimeError)")
+
+
+@pytest.mark.timeout(120)
+def test_what_a_worker_prints_reaches_the_driver_redacted_on_stderr(ray_cluster, capfd):
+    import time
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def leaky() -> None:
+        print(f"worker saw s3://me:{PASSWORD}@minio:9000/b", flush=True)
+
+    ray.get(leaky.remote())
+    seen = ""
+    deadline = time.monotonic() + 30
+    while "worker saw" not in seen and time.monotonic() < deadline:  # the log monitor forwards
+        time.sleep(0.2)                                                 # asynchronously
+        captured = capfd.readouterr()
+        seen += captured.err
+        assert "worker saw" not in captured.out  # stdout is sonoray's own
+    assert "worker saw s3://me:***@minio:9000/b" in seen
+    assert PASSWORD not in seen

@@ -153,6 +153,42 @@ def test_killed_experiment_resumes_from_its_last_round_with_the_same_result(clea
 
 
 @pytest.mark.timeout(600)
+def test_the_oracle_killed_mid_simulation_gives_the_uninterrupted_result(clean_run, storage, phantom_uri,
+                                                                        cache_uri, tmp_path):
+    """`ray.kill` of the oracle actor while experiments run: it restarts with empty ledgers, the
+    experiments that talk to it next are retried and resume from their persisted rounds."""
+    import threading
+    import time
+
+    import ray
+    from ray.util.state import list_actors
+
+    from cluster.simulate import ORACLE_ACTOR_PREFIX
+
+    out_uri, _ = clean_run
+    table, _ = load_samples(load_dataset(phantom_uri, storage), SPEC, parse_uri(cache_uri), storage)
+    killed = str(tmp_path / "oracle-killed")
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=simulate_table(table, CONFIG, killed, storage)))
+    runner.start()
+    rounds_dir = tmp_path / "oracle-killed" / "experiments"
+    deadline = time.monotonic() + 300
+    while len(list(rounds_dir.glob("*/round_*.parquet"))) < 6 and runner.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    oracles = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+               if (a.name or "").startswith(ORACLE_ACTOR_PREFIX)]
+    assert runner.is_alive() and len(oracles) == 1  # mid-simulation: its oracle is alive, work is left
+    written_before_kill = len(list(rounds_dir.glob("*/round_*.parquet")))
+    ray.kill(ray.get_actor(oracles[0].name), no_restart=False)
+    runner.join(timeout=400)
+    result = outcome["result"]
+    assert written_before_kill < 24
+    assert result.failed == [] and result.resumed_rounds >= 1  # someone was interrupted and resumed
+    assert result.rounds + result.resumed_rounds >= 24
+    assert snapshot(storage, killed) == snapshot(storage, out_uri)
+
+
+@pytest.mark.timeout(600)
 def test_serial_run_in_one_process_gives_the_ray_results(clean_run, storage, phantom_uri, cache_uri, tmp_path):
     out_uri, first = clean_run
     table, _ = load_samples(load_dataset(phantom_uri, storage), SPEC, parse_uri(cache_uri), storage)

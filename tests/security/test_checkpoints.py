@@ -7,7 +7,6 @@ appear.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import pytest

@@ -2,7 +2,6 @@
 `sonoray simulate`, a killed driver resumed, and malformed SPECs refused before any trial."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
