@@ -1,26 +1,40 @@
-"""Does pretraining help? POCUS 3-class (covid / pneumonia / regular, convex probe), K-fold
-cross-validation by patient, linear probe and last-block fine-tuning, for three backbones:
+"""Does in-domain video pretraining help? POCUS 3-class (covid / pneumonia / regular, convex
+probe), folds by patient, over several split seeds, compared arm against arm by paired per-fold
+differences with 95% bootstrap CIs and sign tests.
 
-  random  - random init, no pretraining;
-  simclr  - plain SimCLR (`sonoray pretrain --simclr`: no mixup, no cross-entropy), one run on
-            every POCUS video without labels, valid for every fold;
-  uscl    - USCL (`sonoray pretrain --holdout-fold I`), one run per fold, each using the class
-            labels of every video except the test videos of its fold.
+Arms (same code, same budget of optimiser steps):
 
-Everything goes through the project's jobs: the videos are ingested into a loopback S3 server,
-pretraining runs on Ray Train fed by the frame stream, evaluation is `sonoray evaluate`'s code
-(frames at 3 per second, at most 30 per video; model selection on a validation split of the
-training folds). Prints a markdown table of mean +- std over folds, then one JSON object.
+  random          random init, BatchNorm statistics re-estimated on each fold's training frames;
+  simclr-image    SimCLR as the authors' baseline: two augmentations of one frame, no labels;
+  simclr-frames   inter-frame SimCLR: two frames of one video unmixed, no labels;
+  uscl-unlabelled USCL sample pair generation (mixup of 3 frames) + NT-Xent, no labels;
+  uscl-semi       USCL + the semi-supervised cross-entropy, one pretraining per (split seed, fold)
+                  with the labels of that fold's test AND validation videos masked.
 
-CPU size (default): --image-size 64 --channels 1 --epochs 20; 66 minutes on 2 CPUs (35 pretraining,
-29 fine-tuning 3 x 5 folds x 20 epochs; `--finetune-epochs 8` saves about 17).
-`--save` writes benchmarks/results/uscl_pocus.{md,json,png}.
-Paper scale (GPU):  python benchmarks/uscl_pocus.py --gpu --image-size 224 --epochs 300
+The label-free arms pretrain once on every POCUS video and are valid for every fold of every
+split seed; uscl-semi pretrains per fold of the ``--semi-seeds`` only (each pretraining costs as
+much as a label-free arm), so it is compared with the others on those seeds' folds.
+
+Everything goes through the project's code: the videos are ingested into a loopback S3 server,
+pretraining runs on Ray Train from the decoded-frame cache, evaluation is `sonoray evaluate`'s
+(frames at 3 per second, at most 30 per video, C chosen on validation videos carved from the
+training folds). Primary measure: the linear probe. ``--finetune`` adds the authors' fine-tuning
+protocol (layer4[1] + linear, Adam lr 0.01, cosine, 100 epochs) on the first split seed.
+
+CPU size (default): 64 px grayscale (the smallest size at which ResNet-18's last block still sees
+a 2 x 2 map, and 12x fewer pixels than 224), batch 16 videos (30 negatives per view),
+1,000 optimiser steps per pretraining (131 videos -> 9 steps an epoch -> 112 epochs), cosine
+after 10% warm-up. At the measured 48 cached images/s (benchmarks/train_throughput.py) a
+pretraining takes about 11 min, so the nine of the default run (4 label-free arms + 5 folds of
+uscl-semi) need about 100 min before evaluation.
+`--save` writes benchmarks/results/uscl_pocus.{md,json,png} and uscl_pocus_tsne.png.
+Paper scale (GPU): python benchmarks/uscl_pocus.py --gpu --image-size 224 --steps 1500 --channels 3
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -36,6 +50,8 @@ from benchmarks.pocus_s3 import DATA_URI, log, pocus_in_loopback_s3  # noqa: E40
 CLASSES = ["covid", "pneumonia", "regular"]
 PROBE = "convex"
 RESULTS = REPO / "benchmarks" / "results"
+ARMS = ("random", "simclr-image", "simclr-frames", "uscl-unlabelled", "uscl-semi")
+LABEL_FREE = {"simclr-image": "image", "simclr-frames": "frames", "uscl-unlabelled": "uscl"}
 
 
 def main() -> None:
@@ -43,201 +59,283 @@ def main() -> None:
     parser.add_argument("--pocus", type=Path, default=REPO.parent / "shared" / "data" / "pocus")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--channels", type=int, choices=[1, 3], default=1)
-    parser.add_argument("--epochs", type=int, default=20, help="pretraining epochs")
-    parser.add_argument("--warmup-epochs", type=int, default=None,
-                        help="constant-lr epochs before the cosine decay (default: 10, or "
-                        "epochs // 30 when epochs < 300, keeping the authors' 10-of-300 shape)")
-    parser.add_argument("--batch-videos", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=1000, help="optimiser steps per pretraining")
+    parser.add_argument("--batch-videos", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--cpus-per-worker", type=float, default=None,
-                        help="CPU share of each training worker (default: leave one CPU to Ray Data)")
-    parser.add_argument("--decode-cpus", type=float, default=None,
-                        help="CPU share of one decode task (default: pretrain's)")
     parser.add_argument("--gpu", action="store_true", help="pretrain and evaluate on GPUs")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--finetune-epochs", type=int, default=20)
-    parser.add_argument("--methods", default="random,simclr,uscl")
-    parser.add_argument("--modes", default="linear,finetune")
+    parser.add_argument("--split-seeds", default="0,1,2")
+    parser.add_argument("--semi-seeds", default="0", help="split seeds uscl-semi pretrains per fold for")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--finetune", action="store_true", help="also fine-tune (first split seed)")
+    parser.add_argument("--finetune-epochs", type=int, default=100, help="(default 100, the authors')")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--save", action="store_true",
-                        help="write the table, JSON and figure to benchmarks/results/uscl_pocus.*")
+                        help="write the table, JSON and figures to benchmarks/results/uscl_pocus*")
     parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
                         help="only redraw the figure of a saved results JSON")
     args = parser.parse_args()
     if args.replot:
-        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        report = json.loads(args.replot.read_text())
+        plot(report, args.replot.with_suffix(".png"))
+        plot_embeddings(report, args.replot.with_name(args.replot.stem + "_tsne.png"))
         return
 
     import torch
 
     from cluster.dataset import load_dataset
-    from cluster.evaluate import HoldoutSpec, evaluation_rows, load_eval_frames
+    from cluster.evaluate import HoldoutSpec, compare_records, evaluation_record, evaluation_rows, load_eval_frames
     from cluster.pretrain import pretrain
     from cluster.runtime import connect
     from cluster.train import ScaleSpec
     from jobs.evaluate import evaluate_summary
     from ultrasound.uscl import USCLConfig
 
-    methods = [m for m in args.methods.split(",") if m]
-    modes = [m for m in args.modes.split(",") if m]
-    warmup = args.warmup_epochs if args.warmup_epochs is not None else \
-        (10 if args.epochs >= 300 else args.epochs // 30)
-    cfg = USCLConfig(epochs=args.epochs, batch_videos=args.batch_videos, image_size=args.image_size,
-                     channels=args.channels, lr=args.lr, warmup_epochs=warmup)
-    scale = ScaleSpec(workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+    seeds = [int(s) for s in args.split_seeds.split(",") if s]
+    semi_seeds = [int(s) for s in args.semi_seeds.split(",") if s]
     device = "cuda" if args.gpu else "cpu"
-    work = args.out or Path(tempfile.mkdtemp(prefix="uscl-pocus-"))
-    work = work / time.strftime("%Y%m%d-%H%M%S")
-    started = time.perf_counter()
-    load_at_start = os.getloadavg()[0]
+    scale = ScaleSpec(workers=args.workers, gpu=args.gpu)
+    work = (args.out or Path(tempfile.mkdtemp(prefix="uscl-pocus-"))) / time.strftime("%Y%m%d-%H%M%S")
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     timings: dict[str, float] = {}
 
     with pocus_in_loopback_s3(args.pocus) as storage:
         log(connect(num_cpus=os.cpu_count()))
         data = load_dataset(DATA_URI, storage)
         rows, classes = evaluation_rows(data, CLASSES, PROBE)
-        log(f"{len(data.rows)} POCUS videos ingested; {len(rows)} {PROBE} videos of {classes} "
-            f"evaluated with {args.folds} folds; pretraining on all {len(data.rows)}")
+        steps_per_epoch = math.ceil(len(data.rows) / args.batch_videos)
+        epochs = math.ceil(args.steps / steps_per_epoch)
+        cfg = USCLConfig(epochs=epochs, batch_videos=args.batch_videos, image_size=args.image_size,
+                         channels=args.channels, lr=args.lr, warmup_epochs=max(1, epochs // 10))
+        log(f"{len(data.rows)} POCUS videos; {len(rows)} {PROBE} videos of {classes} evaluated, "
+            f"{args.folds} folds x split seeds {seeds}; pretraining {epochs} epochs x {steps_per_epoch} "
+            f"steps = {epochs * steps_per_epoch} steps at {args.image_size}px")
 
-        checkpoints = {"random": "random"}
+        checkpoints: dict[str, str] = {"random": "random"}
         pretrain_runs: dict[str, list[dict]] = {}
-        if "simclr" in methods:
+
+        def run_pretrain(name: str, out: Path, config: USCLConfig, **kwargs) -> str:
             t = time.perf_counter()
-            result = pretrain(data, str(work / "simclr"), cfg.plain_simclr(), scale,
-                              unlabelled=True, storage=storage, decode_cpus=args.decode_cpus)
-            checkpoints["simclr"] = result.checkpoint_uri
-            pretrain_runs["simclr"] = [_run_summary(result)]
-            timings["pretrain_simclr_s"] = time.perf_counter() - t
-            log(f"simclr pretrained in {timings['pretrain_simclr_s']:.0f} s: {pretrain_runs['simclr'][0]}")
-        if "uscl" in methods:
-            t = time.perf_counter()
-            pretrain_runs["uscl"] = []
-            for fold in range(args.folds):
-                holdout = HoldoutSpec(fold, args.folds, args.split_seed, tuple(CLASSES), PROBE)
-                result = pretrain(data, str(work / "uscl" / str(fold)), cfg, scale, holdout=holdout,
-                                  storage=storage, decode_cpus=args.decode_cpus)
-                pretrain_runs["uscl"].append(_run_summary(result))
-                log(f"uscl fold {fold} pretrained: {pretrain_runs['uscl'][-1]}")
-            checkpoints["uscl"] = str(work / "uscl" / "{fold}" / "model.pt")
-            timings["pretrain_uscl_s"] = time.perf_counter() - t
+            result = pretrain(data, str(out), config, scale, storage=storage, **kwargs)
+            pretrain_runs.setdefault(name, []).append(_run_summary(result))
+            timings[f"pretrain_{out.relative_to(work)}_s"] = time.perf_counter() - t
+            log(f"{out.relative_to(work)} pretrained: {pretrain_runs[name][-1]}")
+            return result.checkpoint_uri
+
+        for arm, pairs in LABEL_FREE.items():
+            if arm in arms:
+                config = USCLConfig(**{**cfg.to_dict(), "pairs": pairs, "semi_supervised": False})
+                checkpoints[arm] = run_pretrain(arm, work / arm, config, unlabelled=True)
+        semi: dict[int, str] = {}
+        if "uscl-semi" in arms:
+            for seed in semi_seeds:
+                for fold in range(args.folds):
+                    holdout = HoldoutSpec(fold, args.folds, seed, tuple(CLASSES), PROBE)
+                    run_pretrain("uscl-semi", work / "uscl-semi" / f"seed{seed}" / str(fold), cfg, holdout=holdout)
+                semi[seed] = str(work / "uscl-semi" / f"seed{seed}" / "{fold}" / "model.pt")
 
         t = time.perf_counter()
-        frames = load_eval_frames(data, rows, classes, image_size=args.image_size,
-                                  channels=args.channels)
+        frames = load_eval_frames(data, rows, classes, image_size=args.image_size, channels=args.channels)
         timings["load_frames_s"] = time.perf_counter() - t
-        log(f"{len(frames)} evaluation frames of {len(set(frames.video_ids.tolist()))} videos "
-            f"in {timings['load_frames_s']:.0f} s")
-        results: dict[str, dict[str, dict]] = {}
-        for method in methods:
-            results[method] = {}
-            for mode in modes:
-                t = time.perf_counter()
-                summary = evaluate_summary(
-                    DATA_URI, checkpoints[method], mode=mode, folds=args.folds,
-                    split_seed=args.split_seed, classes=CLASSES, probe=PROBE,
-                    image_size=args.image_size, channels=args.channels,
-                    epochs=args.finetune_epochs, device=device, storage=storage, frames=frames)
-                timings[f"eval_{method}_{mode}_s"] = time.perf_counter() - t
-                results[method][mode] = {k: summary[k] for k in (
-                    "accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "video_accuracy",
-                    "video_accuracy_std", "confusion", "per_class")}
-                log(f"{method} {mode}: accuracy {summary['accuracy']:.3f} +- "
-                    f"{summary['accuracy_std']:.3f}, macro-F1 {summary['macro_f1']:.3f} +- "
-                    f"{summary['macro_f1_std']:.3f}")
+        log(f"{len(frames)} evaluation frames of {len(set(frames.video_ids.tolist()))} videos")
+
+        def evaluate(arm: str, checkpoint: str, seed: int, mode: str = "linear") -> dict:
+            t = time.perf_counter()
+            summary = evaluate_summary(DATA_URI, checkpoint, mode=mode, folds=args.folds, split_seed=seed,
+                                       classes=CLASSES, probe=PROBE, image_size=args.image_size,
+                                       channels=args.channels, device=device, storage=storage, frames=frames,
+                                       epochs=args.finetune_epochs if mode == "finetune" else None)
+            timings[f"eval_{arm}_{mode}_seed{seed}_s"] = time.perf_counter() - t
+            log(f"{arm} {mode} seed {seed}: accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}")
+            return summary
+
+        records: dict[str, dict[str, dict]] = {"linear": {}, "finetune": {}}
+        for arm in arms:
+            arm_seeds = semi_seeds if arm == "uscl-semi" else seeds
+            summaries = [evaluate(arm, semi[s] if arm == "uscl-semi" else checkpoints[arm], s) for s in arm_seeds]
+            records["linear"][arm] = evaluation_record(arm, summaries)
+            if args.finetune:
+                first = arm_seeds[0] if arm == "uscl-semi" else seeds[0]
+                checkpoint = semi[first] if arm == "uscl-semi" else checkpoints[arm]
+                records["finetune"][arm] = evaluation_record(arm, [evaluate(arm, checkpoint, first, "finetune")])
+        comparisons = {}  # arms listed from the expected best to random: each difference reads "a - b"
+        arms = sorted(arms, key=lambda a: -ARMS.index(a))
+        label_free = [a for a in arms if a != "uscl-semi"]
+        if len(label_free) >= 2:
+            comparisons["label-free arms, every split seed"] = compare_records(
+                [records["linear"][a] for a in label_free])
+        if "uscl-semi" in arms and len(arms) >= 2:
+            comparisons[f"every arm, split seeds {semi_seeds}"] = compare_records(
+                [_only_seeds(records["linear"][a], semi_seeds) for a in arms])
+        if args.finetune and len(arms) >= 2:
+            first = semi_seeds[0] if "uscl-semi" in arms else seeds[0]
+            comparisons[f"fine-tuning, split seed {first}"] = compare_records(
+                [_only_seeds(records["finetune"][a], [first]) for a in arms])
+        embeddings = embedding_maps(arms, checkpoints, semi, frames, args)
 
     timings["total_s"] = time.perf_counter() - started
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs (load average {load_at_start:.1f} at "
-               f"start, {os.getloadavg()[0]:.1f} at end), torch {torch.__version__}, "
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs (load average {load_at_start:.1f} at start, "
+               f"{os.getloadavg()[0]:.1f} at end), torch {torch.__version__}, "
                f"{'GPU ' + torch.cuda.get_device_name(0) if args.gpu else 'CPU only'}")
-    settings = {"image_size": args.image_size, "channels": args.channels, "epochs": args.epochs,
-                "warmup_epochs": warmup, "batch_videos": args.batch_videos, "lr": args.lr,
-                "workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
-                "decode_cpus": args.decode_cpus, "folds": args.folds, "split_seed": args.split_seed,
-                "finetune_epochs": args.finetune_epochs, "videos_pretrain": len(data.rows),
-                "videos_evaluated": len(rows), "frames_evaluated": len(frames)}
-    table = markdown_table(results, modes, settings, machine, timings)
-    report = {"settings": settings, "machine": machine, "results": results,
-              "pretrain": pretrain_runs, "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+    settings = {"image_size": args.image_size, "channels": args.channels, "steps": epochs * steps_per_epoch,
+                "epochs": epochs, "warmup_epochs": cfg.warmup_epochs, "batch_videos": args.batch_videos,
+                "lr": args.lr, "workers": args.workers, "folds": args.folds, "split_seeds": seeds,
+                "semi_seeds": semi_seeds, "finetune_epochs": args.finetune_epochs if args.finetune else None,
+                "videos_pretrain": len(data.rows), "videos_evaluated": len(rows),
+                "frames_evaluated": len(frames), "arms": arms}
+    report = {"settings": settings, "machine": machine, "records": records, "comparisons": comparisons,
+              "pretrain": pretrain_runs, "embeddings": embeddings,
+              "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+    table = markdown_table(report)
+    (work / "uscl_pocus.json").write_text(json.dumps(report, indent=1) + "\n")  # for --replot
+    log(f"results in {work / 'uscl_pocus.json'}")
     if args.save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "uscl_pocus.md").write_text(table + "\n")
         (RESULTS / "uscl_pocus.json").write_text(json.dumps(report, indent=1) + "\n")
         plot(report, RESULTS / "uscl_pocus.png")
+        plot_embeddings(report, RESULTS / "uscl_pocus_tsne.png")
     print(table)
-    print(json.dumps(report))
+    print(json.dumps({k: report[k] for k in ("settings", "comparisons", "timings_s")}))
+
+
+def _only_seeds(record: dict, seeds: list[int]) -> dict:
+    """``record`` restricted to the folds of ``seeds`` (to pair arms evaluated on more seeds with
+    one evaluated on fewer)."""
+    import numpy as np
+
+    rows = [r for r in record["per_fold"] if r["split_seed"] in seeds]
+    out = {**record, "per_fold": rows, "split_seeds": [s for s in record["split_seeds"] if s in seeds]}
+    for metric in ("accuracy", "macro_f1", "video_accuracy"):
+        values = np.array([r[metric] for r in rows])
+        out[metric], out[f"{metric}_std"] = float(values.mean()), float(values.std(ddof=1) if len(values) > 1 else 0)
+    return out
+
+
+def embedding_maps(arms, checkpoints, semi, frames, args) -> dict:
+    """A 2-D t-SNE map of every arm's frozen POCUS frame features (uscl-semi: its fold-0 model of
+    the first semi seed), coloured by class: does the backbone separate the classes without a probe?"""
+    import numpy as np
+    import torch
+    from sklearn.manifold import TSNE
+
+    from cluster.evaluate import load_checkpoint
+    from ultrasound.evaluation import backbone_from_state, extract_features, reestimate_batchnorm
+
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(len(frames), size=min(1500, len(frames)), replace=False))
+    maps = {}
+    for arm in arms:
+        uri = next(iter(semi.values())).replace("{fold}", "0") if arm == "uscl-semi" else checkpoints[arm]
+        torch.manual_seed(0)
+        backbone = backbone_from_state(load_checkpoint(uri).state, args.channels)
+        if arm == "random":
+            reestimate_batchnorm(backbone, frames.images[pick], args.image_size)
+        feats = extract_features(backbone, frames.images[pick], args.image_size)
+        xy = TSNE(n_components=2, init="pca", random_state=0, perplexity=30).fit_transform(feats)
+        maps[arm] = {"xy": np.round(xy, 3).tolist(), "label": frames.labels[pick].tolist()}
+    return {"classes": list(frames.classes), "maps": maps}
+
+
+def _run_summary(result) -> dict:
+    return {"epochs": len(result.history), "loss_first": round(result.history[0]["loss"], 4),
+            "loss_last": round(result.history[-1]["loss"], 4),
+            "loss_curve": [round(h["loss"], 4) for h in result.history],
+            "images_per_s": round(result.images_per_s, 1),
+            "seconds": round(sum(h["seconds"] for h in result.history), 1)}
+
+
+def markdown_table(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"POCUS {'/'.join(CLASSES)} ({PROBE}), {s['folds']}-fold CV by patient x split seeds "
+             f"{s['split_seeds']}, {s['videos_evaluated']} videos / {s['frames_evaluated']} frames; "
+             f"pretraining {s['steps']} steps ({s['epochs']} epochs, batch {s['batch_videos']} videos) at "
+             f"{s['image_size']}px x {s['channels']} on {s['videos_pretrain']} videos; {report['machine']}; "
+             f"total {report['timings_s']['total_s'] / 60:.1f} min", "",
+             "| arm | mode | folds | accuracy | macro-F1 |", "|---|---|---|---|---|"]
+    for mode, by_arm in report["records"].items():
+        for arm, r in by_arm.items():
+            lines.append(f"| {arm} | {mode} | {len(r['per_fold'])} | {r['accuracy']:.3f} ± {r['accuracy_std']:.3f} | "
+                         f"{r['macro_f1']:.3f} ± {r['macro_f1_std']:.3f} |")
+    for title, comparison in report["comparisons"].items():
+        lines += ["", f"Paired differences ({title}; {comparison['pairs']} pairs, 95% bootstrap CI, sign test):", "",
+                  "| a - b | accuracy | macro-F1 |", "|---|---|---|"]
+        by_pair: dict[tuple, dict] = {}
+        for d in comparison["differences"]:
+            by_pair.setdefault((d["a"], d["b"]), {})[d["metric"]] = d
+        for (a, b), metrics in by_pair.items():
+            cells = [f"{m['mean']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] p={m['p_sign']:.3f}"
+                     + (" *" if m["excludes_zero"] else "") for m in (metrics["accuracy"], metrics["macro_f1"])]
+            lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(report: dict, png: Path) -> None:
-    """Macro-F1 and accuracy (mean +- std over folds) per backbone and mode, and the confusion
-    matrices summed over folds, in one PNG."""
+    """Left: linear-probe macro-F1 and accuracy per arm (mean over every fold it was scored on).
+    Right: each arm minus random, paired, with 95% bootstrap CI whiskers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    results = report["results"]
-    methods = list(results)
-    modes = list(next(iter(results.values())))
-    labels = {"random": "random init", "simclr": "SimCLR", "uscl": "USCL"}
-    fig, axes = plt.subplots(2, max(2, len(methods)), figsize=(4 * max(2, len(methods)), 7.5))
-    width = 0.8 / len(methods)
-    for ax, metric in zip(axes[0], ("macro_f1", "accuracy")):
-        for i, method in enumerate(methods):
-            means = [results[method][m][metric] for m in modes]
-            stds = [results[method][m][f"{metric}_std"] for m in modes]
-            ax.bar(np.arange(len(modes)) + i * width, means, width, yerr=stds, capsize=3,
-                   label=labels.get(method, method))
-        ax.set_xticks(np.arange(len(modes)) + width * (len(methods) - 1) / 2, modes)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{metric} (mean ± std over folds)")
-        ax.legend(loc="lower right", fontsize=8)
-    for ax in axes[0][2:]:
-        ax.axis("off")
-    for ax, method in zip(axes[1], methods):
-        confusion = np.array(results[method][modes[0]]["confusion"])
-        ax.imshow(confusion, cmap="Blues")
-        for (r, c), v in np.ndenumerate(confusion):
-            ax.text(c, r, str(v), ha="center", va="center", fontsize=9)
-        ax.set_xticks(range(len(CLASSES)), CLASSES)
-        ax.set_yticks(range(len(CLASSES)), CLASSES)
-        ax.set_xlabel("predicted")
-        ax.set_title(f"{labels.get(method, method)}, {modes[0]}: frames summed over folds", fontsize=9)
-    fig.suptitle(f"POCUS 3-class, {report['settings']['folds']}-fold CV; pretraining "
-                 f"{report['settings']['epochs']} epochs at {report['settings']['image_size']} px")
+    records = report["records"]["linear"]
+    arms = list(records)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = np.arange(len(arms))
+    for offset, metric in ((-0.2, "macro_f1"), (0.2, "accuracy")):
+        left.bar(x + offset, [records[a][metric] for a in arms], 0.4, label=metric.replace("_", "-"))
+    left.set_xticks(x, arms, rotation=20, fontsize=9)
+    left.set_ylim(0, 1)
+    left.set_ylabel("linear probe, mean over folds")
+    left.set_title("Linear probe per arm")
+    left.legend(loc="lower right", fontsize=8)
+    comparison = next((c for c in report["comparisons"].values()
+                       if any(d["b"] == "random" for d in c["differences"])), None)
+    if comparison is not None:
+        diffs = [d for d in comparison["differences"] if d["b"] == "random" and d["metric"] == "macro_f1"]
+        y = np.arange(len(diffs))
+        means = np.array([d["mean"] for d in diffs])
+        errors = np.array([[d["mean"] - d["low"] for d in diffs], [d["high"] - d["mean"] for d in diffs]])
+        right.errorbar(means, y, xerr=errors, fmt="o", capsize=4)
+        right.axvline(0, color="grey", lw=1)
+        right.set_yticks(y, [d["a"] for d in diffs], fontsize=9)
+        right.set_xlabel("macro-F1 minus random init (paired, 95% bootstrap CI)")
+        right.set_title(f"Paired difference to random over {comparison['pairs']} folds")
+    s = report["settings"]
+    fig.suptitle(f"POCUS 3-class, {s['folds']} folds x seeds {s['split_seeds']}; {s['steps']} pretraining steps "
+                 f"at {s['image_size']} px")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
 
 
-def _run_summary(result) -> dict:
-    return {"epochs": len(result.history), "loss_first": round(result.history[0]["loss"], 4),
-            "loss_last": round(result.history[-1]["loss"], 4),
-            "images_per_s": round(result.images_per_s, 1),
-            "seconds": round(sum(h["seconds"] for h in result.history), 1)}
+def plot_embeddings(report: dict, png: Path) -> None:
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
 
-def markdown_table(results: dict, modes: list[str], settings: dict, machine: str,
-                   timings: dict) -> str:
-    names = {"linear": "linear probe", "finetune": "fine-tune last block"}
-    header = "| backbone | " + " | ".join(f"{names[m]} accuracy | {names[m]} macro-F1" for m in modes) + " |"
-    lines = [f"POCUS {'/'.join(CLASSES)} ({PROBE}), {settings['folds']}-fold CV by patient, "
-             f"{settings['videos_evaluated']} videos / {settings['frames_evaluated']} frames; "
-             f"pretraining {settings['epochs']} epochs at {settings['image_size']}px x "
-             f"{settings['channels']} on {settings['videos_pretrain']} videos; {machine}; "
-             f"total {timings['total_s'] / 60:.1f} min", "",
-             header, "|" + "---|" * (1 + 2 * len(modes))]
-    labels = {"random": "random init", "simclr": "SimCLR", "uscl": "USCL"}
-    for method, by_mode in results.items():
-        cells = []
-        for mode in modes:
-            r = by_mode[mode]
-            cells += [f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f}",
-                      f"{r['macro_f1']:.3f} ± {r['macro_f1_std']:.3f}"]
-        lines.append(f"| {labels.get(method, method)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    maps, classes = report["embeddings"]["maps"], report["embeddings"]["classes"]
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.6 * len(maps), 3.8), squeeze=False)
+    for ax, (arm, m) in zip(axes[0], maps.items()):
+        xy, label = np.asarray(m["xy"]), np.asarray(m["label"])
+        for c, name in enumerate(classes):
+            ax.scatter(*xy[label == c].T, s=4, alpha=0.6, label=name)
+        ax.set_title(arm, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][0].legend(fontsize=8, markerscale=3)
+    fig.suptitle("t-SNE of frozen frame features (POCUS), coloured by class")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from cluster.frames import StreamSpec, frame_stream
 from cluster.storage import Storage, parse_uri
 from ultrasound.checkpoint import load_state
 from ultrasound.evaluation import (
+    FINETUNE_EPOCHS,
+    FINETUNE_LR,
     backbone_from_state,
     carve_validation,
     classification_report,
@@ -34,6 +36,7 @@ from ultrasound.evaluation import (
     finetune_last_block,
     group_kfold_split,
     linear_probe,
+    reestimate_batchnorm,
     summarise_folds,
     video_level_accuracy,
 )
@@ -103,6 +106,26 @@ def video_folds(rows: Sequence[Mapping[str, Any]], classes: Sequence[str], k: in
     return [sorted(ids[i] for i in test) for _, test in folds]
 
 
+VAL_FRACTION = 0.2  # share of the training folds' groups carved out for model selection
+
+
+def validation_videos(rows: Sequence[Mapping[str, Any]], classes: Sequence[str], test_fold: Sequence[str],
+                      fraction: float = VAL_FRACTION, seed: int = 0) -> list[str]:
+    """The validation video ids of a fold: about ``fraction`` of the groups of the other folds,
+    group-disjoint and stratified (one entry per video, so the carve depends on the manifest
+    rows alone and pretraining can mask them as evaluation will use them)."""
+    test = set(map(str, test_fold))
+    train = [r for r in rows if str(r["video_id"]) not in test]
+    index = {c: i for i, c in enumerate(classes)}
+    groups = np.array([split_group(r) for r in train])
+    labels = np.array([index[r["label"]] for r in train])
+    try:
+        _, val = carve_validation(np.arange(len(train)), groups, labels, fraction=fraction, seed=seed)
+    except ValueError as err:
+        raise EvaluationError(f"cannot carve a validation split from {len(train)} videos: {err}") from err
+    return sorted(str(train[i]["video_id"]) for i in val)
+
+
 @dataclass(frozen=True)
 class HoldoutSpec:
     """Which test fold's labels pretraining must not see: fold ``fold`` of the split that
@@ -123,6 +146,13 @@ class HoldoutSpec:
     def test_video_ids(self, data: IngestedDataset) -> list[str]:
         rows, classes = evaluation_rows(data, self.classes, self.probe)
         return video_folds(rows, classes, self.folds, self.seed)[self.fold]
+
+    def masked_video_ids(self, data: IngestedDataset) -> list[str]:
+        """The videos whose labels pretraining must not use: the fold's test videos and the
+        validation videos evaluation selects its probe C / fine-tuning epoch on."""
+        rows, classes = evaluation_rows(data, self.classes, self.probe)
+        test = video_folds(rows, classes, self.folds, self.seed)[self.fold]
+        return sorted(set(test) | set(validation_videos(rows, classes, test, seed=self.seed)))
 
     def as_dict(self) -> dict:
         return {"fold": self.fold, "folds": self.folds, "seed": self.seed,
@@ -230,14 +260,17 @@ def load_checkpoint(uri: str, storage: Storage | None = None) -> LoadedCheckpoin
 
 
 def check_no_test_labels(checkpoint: LoadedCheckpoint, test_video_ids: Sequence[str],
-                         fold: int) -> None:
-    """Refuse a checkpoint pretrained with the class labels of any test video of ``fold``."""
+                         fold: int, validation_video_ids: Sequence[str] = ()) -> None:
+    """Refuse a checkpoint pretrained with the class labels of any test or validation video of
+    ``fold`` (validation labels would bias the choice of C / the fine-tuning epoch)."""
     if not checkpoint.labelled_video_ids:
         return
-    leaked = sorted(checkpoint.labelled_video_ids & set(map(str, test_video_ids)))
-    if leaked:
+    for kind, ids in (("test", test_video_ids), ("validation", validation_video_ids)):
+        leaked = sorted(checkpoint.labelled_video_ids & set(map(str, ids)))
+        if not leaked:
+            continue
         raise EvaluationError(
-            f"{checkpoint.uri} was pretrained with the labels of {len(leaked)} test video(s) of "
+            f"{checkpoint.uri} was pretrained with the labels of {len(leaked)} {kind} video(s) of "
             f"fold {fold} (e.g. {leaked[:3]}): its accuracy on that fold would be inflated. "
             f"Pretrain one checkpoint per fold with `sonoray pretrain --holdout-fold I --folds K "
             f"--split-seed S` (same --folds/--split-seed/--classes/--probe as here) and pass "
@@ -250,9 +283,8 @@ class EvalSettings:
     mode: str = "linear"
     image_size: int = 224
     channels: int = 1
-    epochs: int = 20  # fine-tuning epochs
-    lr: float = 1e-3
-    val_fraction: float = 0.2
+    epochs: int = FINETUNE_EPOCHS  # fine-tuning (the authors' protocol)
+    lr: float = FINETUNE_LR
     seed: int = 0
     device: str = "cpu"
 
@@ -274,33 +306,41 @@ def fold_of_frames(video_ids: Sequence[str], folds: Sequence[Sequence[str]]) -> 
 
 
 def cross_validate(
-    frames: EvalFrames, folds: Sequence[Sequence[str]],
+    frames: EvalFrames, folds: Sequence[Sequence[str]], validation: Sequence[Sequence[str]],
     checkpoint_for_fold: Callable[[int], LoadedCheckpoint], settings: EvalSettings,
     on_fold: Callable[[int, dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every fold: train on the other folds (minus a carved validation split used for model
-    selection), test on the fold. Returns ``summarise_folds`` plus ``per_class`` (from the summed
-    confusion), ``video_accuracy`` (mean over folds of the per-video majority vote), ``fold_reports``
-    and ``fold_of_frame`` (the test fold of every frame, for audit)."""
+    """Run every fold: train on the other folds minus the fold's ``validation`` videos (used for
+    model selection only, :func:`validation_videos`), test on the fold. Returns
+    ``summarise_folds`` plus ``per_class`` (from the summed confusion), ``video_accuracy`` (mean
+    over folds of the per-video majority vote), ``fold_reports`` and ``fold_of_frame`` (the test
+    fold of every frame, for audit)."""
     fold_of_frame = fold_of_frames(frames.video_ids, folds)
     reports, video_accs = [], []
     features_cache: dict[str, np.ndarray] = {}
     for fold in range(len(folds)):
         checkpoint = checkpoint_for_fold(fold)
-        check_no_test_labels(checkpoint, folds[fold], fold)
+        check_no_test_labels(checkpoint, folds[fold], fold, validation[fold])
         test_idx = np.flatnonzero(fold_of_frame == fold)
         train_idx = np.flatnonzero((fold_of_frame != fold) & (fold_of_frame >= 0))
         if len(test_idx) == 0:
             raise EvaluationError(f"fold {fold}: none of its videos gave a frame")
-        fit_idx, val_idx = carve_validation(train_idx, frames.groups, frames.labels,
-                                            fraction=settings.val_fraction, seed=settings.seed)
+        is_val = np.isin(frames.video_ids[train_idx], np.asarray(list(validation[fold]), dtype=str))
+        fit_idx, val_idx = train_idx[~is_val], train_idx[is_val]
+        if len(val_idx) == 0 or len(np.unique(frames.labels[fit_idx])) < 2:
+            raise EvaluationError(f"fold {fold}: its validation videos gave no frame, or its training "
+                                  f"frames hold fewer than 2 classes")
         if settings.mode == "linear":
-            if checkpoint.uri not in features_cache:  # one extraction per distinct checkpoint
+            # one extraction per distinct checkpoint; a random trunk's BatchNorm statistics come
+            # from the fold's training frames, so it is extracted once per fold
+            key = checkpoint.uri if checkpoint.state is not None else f"{checkpoint.uri}#fold{fold}"
+            if key not in features_cache:
                 torch.manual_seed(settings.seed)  # a random init is reproducible
-                backbone = backbone_from_state(checkpoint.state, settings.channels)
-                features_cache = {checkpoint.uri: extract_features(
-                    backbone.to(settings.device), frames.images, settings.image_size)}
-            feats = features_cache[checkpoint.uri]
+                backbone = backbone_from_state(checkpoint.state, settings.channels).to(settings.device)
+                if checkpoint.state is None:
+                    reestimate_batchnorm(backbone, frames.images[train_idx], settings.image_size)
+                features_cache = {key: extract_features(backbone, frames.images, settings.image_size)}
+            feats = features_cache[key]
             pred = linear_probe(feats[fit_idx], frames.labels[fit_idx], feats[val_idx],
                                 frames.labels[val_idx], feats[test_idx], seed=settings.seed)
         else:
@@ -335,3 +375,67 @@ def _pooled_per_class(confusion: np.ndarray, classes: Sequence[str]) -> dict[str
     truth = np.repeat(np.arange(len(classes)), confusion.sum(axis=1))
     pred = np.concatenate([np.repeat(np.arange(len(classes)), row) for row in confusion])
     return classification_report(truth, pred, classes)["per_class"]
+
+
+# -- records and paired comparisons ------------------------------------------------------------
+EVALUATION_FILE = "evaluation.json"
+METRICS = ("accuracy", "macro_f1", "video_accuracy")
+
+
+def evaluation_record(name: str, summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What ``sonoray evaluate --out`` keeps of the cross-validations of one backbone, one per
+    split seed: every (split seed, fold)'s scores and test videos, so that two arms evaluated on
+    the same splits can be compared pair by pair (:func:`compare_records`).
+
+    ``summaries``: :func:`cross_validate` results (with ``split_seed`` and ``test_folds``)."""
+    if not summaries:
+        raise EvaluationError("no cross-validation to record")
+    first = summaries[0]
+    per_fold = [{"split_seed": int(s["split_seed"]), "fold": fold, "test_videos": list(s["test_folds"][fold]),
+                 **{m: float(report[m]) for m in METRICS}}
+                for s in summaries for fold, report in enumerate(s["fold_reports"])]
+    overall = {}
+    for m in METRICS:
+        values = np.array([row[m] for row in per_fold])
+        overall[m] = float(values.mean())
+        overall[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return {"name": str(name), "checkpoint": first["checkpoint"], "mode": first["mode"],
+            "image_size": int(first["image_size"]), "channels": int(first["channels"]),
+            "classes": list(first["classes"]), "folds": int(first["folds"]),
+            "split_seeds": [int(s["split_seed"]) for s in summaries], "videos": int(first["videos"]),
+            "frames": int(first["frames"]), **overall, "per_fold": per_fold}
+
+
+def compare_records(records: Sequence[Mapping[str, Any]], *, level: float = 0.95,
+                    n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Paired differences between arms: for every pair (earlier-listed arm ``a``, later ``b``)
+    and metric, ``a - b`` over the (split seed, fold) pairs both were scored on, with its
+    bootstrap CI and sign test (:func:`ultrasound.stats.paired_difference`). Refused when the
+    arms were not evaluated on the same splits (same test videos per split seed and fold)."""
+    from ultrasound.stats import paired_difference
+
+    if len(records) < 2:
+        raise EvaluationError("--compare needs at least two evaluations")
+    names = [str(r["name"]) for r in records]
+    if len(set(names)) != len(names):
+        raise EvaluationError(f"the evaluations to compare share a name: {names}")
+    splits = [{(row["split_seed"], row["fold"]): tuple(row["test_videos"]) for row in r["per_fold"]}
+              for r in records]
+    for name, split, record in zip(names[1:], splits[1:], records[1:]):
+        if split != splits[0] or record["classes"] != records[0]["classes"]:
+            raise EvaluationError(f"{name} was not evaluated on the same splits as {names[0]} (split seeds, "
+                                  f"folds, classes or test videos differ): pairing needs the same ones")
+    keys = sorted(splits[0])
+    scores = [{(row["split_seed"], row["fold"]): row for row in r["per_fold"]} for r in records]
+    differences = []
+    for i in range(len(records)):
+        for j in range(i + 1, len(records)):
+            for metric in METRICS:
+                a = [scores[i][k][metric] for k in keys]
+                b = [scores[j][k][metric] for k in keys]
+                result = paired_difference(a, b, level=level, n_boot=n_boot, seed=seed)
+                differences.append({"a": names[i], "b": names[j], "metric": metric, **result.as_dict()})
+    arms = [{"name": n, "checkpoint": r["checkpoint"], "mode": r["mode"],
+             **{m: r[m] for m in METRICS}, **{f"{m}_std": r[f"{m}_std"] for m in METRICS}}
+            for n, r in zip(names, records)]
+    return {"arms": arms, "pairs": len(keys), "level": level, "differences": differences}

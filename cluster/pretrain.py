@@ -8,11 +8,12 @@ whose class label may be used. ``batch_videos`` is the global batch: each of W w
 ``batch_videos // W`` videos per step.
 
 Which labels may be used is decided on the driver (:func:`plan_labels`): none with
-``unlabelled`` or plain SimCLR; otherwise every labelled video except the test videos of a
-held-out fold (:class:`cluster.evaluate.HoldoutSpec`), so that the checkpoint can be evaluated on
-that fold without its test labels having leaked into pretraining. The checkpoint records the ids
-of the videos whose labels were used (``labelled_video_ids``) and ``sonoray evaluate`` refuses a
-checkpoint whose ids meet its test fold.
+``unlabelled`` or plain SimCLR; otherwise every labelled video except the test and validation
+videos of a held-out fold (:class:`cluster.evaluate.HoldoutSpec`), so that the checkpoint can be
+evaluated on that fold without its test labels having leaked into pretraining, nor its validation
+labels into model selection. The checkpoint records the ids of the videos whose labels were used
+(``labelled_video_ids``) and ``sonoray evaluate`` refuses a checkpoint whose ids meet the test or
+validation videos of a fold.
 
 Checkpoint state (``<out>/model.pt`` without the optimizer): ``model`` (USCLModel state dict:
 ``backbone.*``, ``projection.*``, ``classifier.*``), ``config`` (USCLConfig as a dict), ``classes``,
@@ -99,10 +100,12 @@ class LabelPlan:
 def plan_labels(data: IngestedDataset, *, use_labels: bool,
                 holdout: HoldoutSpec | None = None) -> LabelPlan:
     """Classes are the sorted labels of the manifest; with ``use_labels`` every labelled video
-    keeps its class except the test videos of ``holdout``'s fold (their labels are never used).
+    keeps its class except the test and validation videos of ``holdout``'s fold (their labels are
+    never used: the test labels would leak into the score, the validation labels into the choice
+    of the probe's C / the fine-tuning epoch).
     """
     classes = tuple(data.classes)
-    masked = tuple(holdout.test_video_ids(data)) if holdout is not None else ()
+    masked = tuple(holdout.masked_video_ids(data)) if holdout is not None else ()
     if not use_labels:
         return LabelPlan(classes, {}, masked)
     index = {c: i for i, c in enumerate(classes)}

@@ -35,14 +35,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "backbone: frames at 3 per second (at most 30 per video), folds by patient where known "
         "else by video, model selection on a validation split of the training folds.",
     )
-    p.add_argument("--data", required=True, metavar="URI", help="data set root written by `sonoray ingest`")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+    p.add_argument("--data", default=None, metavar="URI", help="data set root written by `sonoray ingest`")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="model.pt of `sonoray pretrain` (local or s3://), any backbone state dict, "
                    "or 'random'; '{fold}' in it is replaced by the fold index (one checkpoint per fold)")
     p.add_argument("--mode", choices=["linear", "finetune"], default="linear",
                    help="linear probe on frozen features (default) or fine-tune the last block")
     p.add_argument("--folds", type=int, default=5, help="folds (default 5)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the fold split (default 0)")
+    p.add_argument("--split-seeds", default=None, metavar="S1,S2,...",
+                   help="cross-validate once per split seed (e.g. 0,1,2: 3 x --folds paired scores)")
+    p.add_argument("--out", default=None, metavar="URI",
+                   help="write evaluation.json (every split seed and fold's scores and test videos) there")
+    p.add_argument("--name", default=None, help="the arm's name in evaluation.json (default: --out's last part)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="URI",
+                   help="compare evaluations written with --out on the same splits instead of evaluating: "
+                   "paired per-fold differences (earlier minus later) with 95%% bootstrap CIs and sign tests")
     p.add_argument("--classes", default=None, metavar="A,B,...", help="classes to keep (default: all labels)")
     p.add_argument("--probe", default=None, help="keep videos of this probe only, e.g. convex")
     p.add_argument("--image-size", type=int, default=None,
@@ -51,8 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="(default: the checkpoint's, else 1)")
     p.add_argument("--fps", type=float, default=3.0, help="frames per second sampled (default 3)")
     p.add_argument("--max-per-video", type=int, default=30, help="cap per video (default 30)")
-    p.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (default 20)")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (default 1e-3)")
+    p.add_argument("--epochs", type=int, default=100, help="fine-tuning epochs (default 100, the authors')")
+    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01, the authors')")
     p.add_argument("--gpu", action="store_true", help="compute features / fine-tune on this machine's GPU")
     add_stream_args(p)
     add_storage_args(p)
@@ -76,7 +84,7 @@ def evaluate_summary(
     data_uri: str, checkpoint: str, *, mode: str = "linear", folds: int = 5, split_seed: int = 0,
     classes: list[str] | None = None, probe: str | None = None, image_size: int | None = None,
     channels: int | None = None, fps: float | None = 3.0, max_per_video: int | None = 30,
-    epochs: int = 20, lr: float = 1e-3, device: str = "cpu", storage=None, frames=None,
+    epochs: int | None = None, lr: float | None = None, device: str = "cpu", storage=None, frames=None,
     on_progress: Callable[[str], None] | None = None, cache: bool = True,
 ) -> dict[str, Any]:
     """Cross-validate ``checkpoint`` on the data set at ``data_uri`` (Ray connected). ``frames``
@@ -90,6 +98,7 @@ def evaluate_summary(
         cross_validate,
         evaluation_rows,
         load_eval_frames,
+        validation_videos,
         video_folds,
     )
 
@@ -97,9 +106,10 @@ def evaluate_summary(
     data = load_dataset(data_uri, storage)
     rows, class_names = evaluation_rows(data, classes, probe)
     test_folds = video_folds(rows, class_names, folds, split_seed)
+    validation = [validation_videos(rows, class_names, test, seed=split_seed) for test in test_folds]
     loaded = checkpoints_for_folds(checkpoint, folds, storage)
     for fold, ckpt in enumerate(loaded):  # refuse before any frame is decoded
-        check_no_test_labels(ckpt, test_folds[fold], fold)
+        check_no_test_labels(ckpt, test_folds[fold], fold, validation[fold])
         if ckpt.labelled_video_ids is None:
             say(f"evaluate: {ckpt.uri} records no label provenance (not a sonoray pretrain "
                 f"checkpoint); make sure it never saw labels of these videos")
@@ -108,8 +118,9 @@ def evaluate_summary(
     wrong = sorted({c.uri for c in loaded if c.channels not in (None, channels)})
     if wrong:
         raise UserError(f"--channels {channels} does not match the checkpoint(s) {wrong}")
-    settings = EvalSettings(mode=mode, image_size=image_size, channels=channels, epochs=epochs,
-                            lr=lr, seed=split_seed, device=device)
+    tuning = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    settings = EvalSettings(mode=mode, image_size=image_size, channels=channels, seed=split_seed,
+                            device=device, **tuning)
     if frames is None:
         say(f"evaluate: sampling frames of {len(rows)} videos ({fps} per second, at most "
             f"{max_per_video}) at {image_size}px")
@@ -122,9 +133,9 @@ def evaluate_summary(
         say(f"evaluate: fold {fold + 1}/{folds}: accuracy {report['accuracy']:.3f}, "
             f"macro-F1 {report['macro_f1']:.3f}")
 
-    summary = cross_validate(frames, test_folds, lambda f: loaded[f], settings, on_fold=on_fold)
-    summary.update(test_folds=test_folds, videos=len(set(frames.video_ids.tolist())),
-                   frames=len(frames), mode=mode,
+    summary = cross_validate(frames, test_folds, validation, lambda f: loaded[f], settings, on_fold=on_fold)
+    summary.update(test_folds=test_folds, validation_folds=validation, videos=len(set(frames.video_ids.tolist())),
+                   frames=len(frames), eval_frames=frames, split_seed=split_seed, mode=mode,
                    checkpoint=checkpoint, image_size=image_size, channels=channels)
     return summary
 
@@ -156,28 +167,120 @@ def print_table(summary: dict, out: TextIO = sys.stdout) -> None:
 def json_result(summary: dict) -> dict:
     keys = ("folds", "accuracy", "accuracy_std", "macro_f1", "macro_f1_std", "classes",
             "confusion", "per_class", "video_accuracy", "video_accuracy_std", "mode",
-            "checkpoint", "videos", "frames", "test_folds")
+            "checkpoint", "videos", "frames", "test_folds", "validation_folds")
     return {k: summary[k] for k in keys}
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.evaluate import EvaluationError
+    if args.compare:
+        return run_compare(args)
+    from cluster.evaluate import EVALUATION_FILE, EvaluationError, evaluation_record
 
+    if not args.data or not args.checkpoint:
+        raise UserError("evaluate needs --data and --checkpoint (or --compare URI URI ...)")
     if args.folds < 2:
         raise UserError(f"--folds must be >= 2, got {args.folds}")
+    seeds = [args.split_seed]
+    if args.split_seeds:
+        try:
+            seeds = [int(s) for s in csv_list(args.split_seeds)]
+        except ValueError:
+            raise UserError(f"--split-seeds: expected integers like 0,1,2, got {args.split_seeds!r}") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise UserError(f"--split-seeds: expected distinct integers, got {args.split_seeds!r}")
     storage = storage_from(args)
+    out = _out_location(args.out) if args.out else None
     progress(connect_ray(args))
+    summaries, frames = [], None
     try:
-        summary = evaluate_summary(
-            args.data, args.checkpoint, mode=args.mode, folds=args.folds,
-            split_seed=args.split_seed, classes=csv_list(args.classes), probe=args.probe,
-            image_size=args.image_size, channels=args.channels, fps=args.fps,
-            max_per_video=args.max_per_video, epochs=args.epochs, lr=args.lr,
-            device="cuda" if args.gpu else "cpu", storage=storage, on_progress=progress,
-            cache=not args.no_cache)
+        for seed in seeds:
+            if len(seeds) > 1:
+                progress(f"evaluate: split seed {seed} ({len(summaries) + 1}/{len(seeds)})")
+            summary = evaluate_summary(
+                args.data, args.checkpoint, mode=args.mode, folds=args.folds,
+                split_seed=seed, classes=csv_list(args.classes), probe=args.probe,
+                image_size=args.image_size, channels=args.channels, fps=args.fps,
+                max_per_video=args.max_per_video, epochs=args.epochs, lr=args.lr,
+                device="cuda" if args.gpu else "cpu", storage=storage, on_progress=progress,
+                cache=not args.no_cache, frames=frames)
+            frames = summary["eval_frames"]
+            summaries.append(summary)
     except (EvaluationError, ValueError) as err:  # bad flags, a checkpoint that does not fit
         raise UserError(str(err)) from err
-    print_table(summary)
+    human = sys.stderr if args.json else sys.stdout
+    for summary in summaries:
+        print_table(summary, human)
+    record = evaluation_record(args.name or _default_name(args), summaries)
+    if out is not None:
+        import json
+
+        target = out.join(EVALUATION_FILE)
+        storage.check(out, create_bucket=True)
+        storage.write_bytes(target, json.dumps(record, indent=1).encode())
+        progress(f"evaluate: wrote {target.uri}")
     if args.json:
-        emit_json(json_result(summary))
+        result = json_result(summaries[0]) if len(summaries) == 1 else {}
+        emit_json({**result, **{k: record[k] for k in ("name", "split_seeds", "per_fold")},
+                   "overall": {k: v for k, v in record.items() if k.startswith(("accuracy", "macro_f1", "video_acc"))},
+                   "out": out.join(EVALUATION_FILE).uri if out is not None else None})
     return 0
+
+
+def _out_location(uri: str):
+    from cluster.storage import parse_uri
+
+    try:
+        return parse_uri(uri)
+    except ValueError as err:
+        raise UserError(f"--out: {err}") from None
+
+
+def _default_name(args: argparse.Namespace) -> str:
+    if args.out:
+        return args.out.rstrip("/").rsplit("/", 1)[-1]
+    return "random" if args.checkpoint == "random" else args.checkpoint
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """``--compare``: paired differences between evaluations written with ``--out``."""
+    import json
+
+    from cluster.evaluate import EVALUATION_FILE, EvaluationError, compare_records
+
+    storage = storage_from(args)
+    records = []
+    for uri in args.compare:
+        location = _out_location(uri)
+        if not location.key.endswith(".json"):
+            location = location.join(EVALUATION_FILE)
+        if not storage.exists(location):
+            raise UserError(f"--compare: no evaluation at {location.uri} (write one with evaluate --out)")
+        try:
+            records.append(json.loads(storage.read_bytes(location)))
+        except ValueError as err:
+            raise UserError(f"--compare: {location.uri} is not an evaluation.json: {err}") from None
+    try:
+        comparison = compare_records(records)
+    except EvaluationError as err:
+        raise UserError(str(err)) from err
+    print_comparison(comparison, sys.stderr if args.json else sys.stdout)
+    if args.json:
+        emit_json(comparison)
+    return 0
+
+
+def print_comparison(comparison: dict, out: TextIO = sys.stdout) -> None:
+    """Arms (mean +- std over every split seed x fold), then each pair's paired difference."""
+    width = max(len(a["name"]) for a in comparison["arms"]) + 2
+    print(f"{'arm':<{width}} {'accuracy':>16} {'macro-F1':>16}", file=out)
+    for arm in comparison["arms"]:
+        print(f"{arm['name']:<{width}} {arm['accuracy']:>8.3f} ± {arm['accuracy_std']:<5.3f} "
+              f"{arm['macro_f1']:>8.3f} ± {arm['macro_f1_std']:<5.3f}", file=out)
+    print(f"paired differences over {comparison['pairs']} (split seed, fold) pairs, "
+          f"{comparison['level']:.0%} bootstrap CI, sign-test p:", file=out)
+    for d in comparison["differences"]:
+        if d["metric"] == "video_accuracy":
+            continue
+        mark = " *" if d["excludes_zero"] else ""
+        print(f"  {d['a']} - {d['b']} {d['metric']:<9} {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
+              f"wins {d['wins']}/{d['wins'] + d['losses'] + d['ties']} p {d['p_sign']:.3f}{mark}", file=out)

@@ -23,7 +23,8 @@ from jobs.output import UserError, emit_json, fail, progress
 
 #: flag name -> USCLConfig key, for the flags that override the config file.
 CONFIG_FLAGS = {"epochs": "epochs", "batch_videos": "batch_videos", "image_size": "image_size",
-                "channels": "channels"}
+                "channels": "channels", "pairs": "pairs"}
+PAIR_NAMES = {"uscl": "USCL (sample pair generation)", "frames": "inter-frame", "image": "SimCLR (one frame)"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run under --out from its last checkpoint")
     p.add_argument("--max-failures", type=int, default=1,
                    help="times a failed worker group is restarted from the last checkpoint (default 1)")
-    p.add_argument("--simclr", action="store_true", help="plain SimCLR baseline: no mixup, no cross-entropy")
+    p.add_argument("--pairs", choices=["uscl", "frames", "image"], default=None,
+                   help="positive pairs: uscl = sample pair generation (mixup of 3 frames), frames = two "
+                   "frames of one video unmixed, image = two augmentations of one frame "
+                   "(default: config, else uscl)")
+    p.add_argument("--simclr", action="store_true",
+                   help="the authors' SimCLR baseline: --pairs image, no cross-entropy")
     p.add_argument("--unlabelled", action="store_true", default=None,
                    help="use no class label (the checkpoint is then valid for every fold)")
     holdout = p.add_argument_group(
@@ -151,10 +157,10 @@ def run(args: argparse.Namespace) -> int:
         progress(f"pretrain: backbone from {args.init}"
                  + (f" ({len(missing)} parameters left at random init)" if missing else ""))
     progress(connect_ray(args))
-    masked = f", labels of {len(plan.masked_video_ids)} fold-{holdout.fold} test videos masked" \
+    masked = f", labels of {len(plan.masked_video_ids)} fold-{holdout.fold} test and validation videos masked" \
         if holdout else ""
     progress(f"pretrain: {len(data.rows)} videos from {data.root.uri}; "
-             f"{'SimCLR' if args.simclr or not cfg.mixup else 'USCL'}, labels of "
+             f"{PAIR_NAMES[cfg.pairs]} pairs, labels of "
              f"{len(plan.class_of)} videos used{masked}; {cfg.epochs} epochs, batch "
              f"{cfg.batch_videos} videos, {cfg.image_size}px x {cfg.channels}, "
              f"{args.workers} worker(s){' on GPUs' if args.gpu else ''}")

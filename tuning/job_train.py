@@ -105,10 +105,11 @@ class PretrainJob(TrainJob):
     }
     run_keys = {
         "unlabelled": "pretrain without any class label (default false)",
-        "simclr": "plain SimCLR: no mixup, no cross-entropy (default false)",
+        "simclr": "the authors' SimCLR baseline: two augmentations of one frame, no cross-entropy "
+                  "(default false)",
     }
     tunable_keys = ("lr", "weight_decay", "warmup_epochs", "temperature", "mixup_alpha", "ce_weight",
-                    "batch_videos", "aug_strength", "frames_per_video", "mixup", "semi_supervised")
+                    "batch_videos", "aug_strength", "frames_per_video", "pairs", "semi_supervised")
 
     def config_keys(self) -> list[str]:
         from ultrasound.uscl import USCLConfig
@@ -166,7 +167,7 @@ class PretrainJob(TrainJob):
 
     def job_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
         values = self.settings(config).to_dict()
-        switched = ("mixup", "semi_supervised") if config.get("simclr") else ()
+        switched = ("pairs", "semi_supervised") if config.get("simclr") else ()
         return {k: values[k] for k in self.config_keys() if k in config or k in switched}
 
     def command_hint(self, config: Mapping[str, Any]) -> str:
@@ -214,8 +215,8 @@ class EvaluateAfterPretrainJob(PretrainJob):
         "probe": "probe evaluate keeps, e.g. convex",
         "fps": "evaluation frames per second (default 3)",
         "max_per_video": "evaluation frames per video at most (default 30)",
-        "eval_epochs": "fine-tuning epochs of the evaluation (default 20)",
-        "eval_lr": "fine-tuning learning rate of the evaluation (default 1e-3)",
+        "eval_epochs": "fine-tuning epochs of the evaluation (default 100, the authors')",
+        "eval_lr": "fine-tuning learning rate of the evaluation (default 0.01, the authors')",
     }
 
     def parameters(self) -> dict[str, str]:
@@ -270,7 +271,8 @@ class EvaluateAfterPretrainJob(PretrainJob):
             config["data"], checkpoint, mode=config.get("eval_mode", "linear"), folds=folds, split_seed=seed,
             classes=classes, probe=config.get("probe"), image_size=cfg.image_size, channels=cfg.channels,
             fps=config.get("fps", 3.0) or None, max_per_video=config.get("max_per_video", 30) or None,
-            epochs=int(config.get("eval_epochs", 20)), lr=float(config.get("eval_lr", 1e-3)),
+            epochs=None if config.get("eval_epochs") is None else int(config["eval_epochs"]),
+            lr=None if config.get("eval_lr") is None else float(config["eval_lr"]),
             device="cuda" if config.get("gpu") else "cpu", storage=storage)
         metrics = {"macro_f1": float(summary["macro_f1"]), "accuracy": float(summary["accuracy"]),
                    "video_accuracy": float(summary["video_accuracy"]), "loss": loss}

@@ -1,10 +1,11 @@
 """Downstream evaluation of a pretrained backbone: does pretraining help classification?
 
 USCL (Chen et al., MICCAI 2021) evaluates on POCUS (covid / pneumonia / regular) with 5-fold
-cross-validation split by video and fine-tunes the last residual block plus a new linear layer.
-Unlike the authors' scripts, model selection here never looks at the test fold: C of the linear
-probe and the fine-tuning epoch are chosen on a validation split carved, group-disjoint, from
-the training folds. Predictions are per frame; :func:`video_level_accuracy` adds a per-video
+cross-validation split by video and fine-tunes the last residual block (``layer4[1]``) plus a new
+linear layer (:func:`finetune_last_block`, the authors' protocol). Unlike the authors' scripts,
+model selection here never looks at the test fold: C of the linear probe and the fine-tuning
+epoch are chosen on a validation split carved, group-disjoint, from the training folds. A random
+trunk gets BatchNorm statistics estimated on the training frames (:func:`reestimate_batchnorm`). Predictions are per frame; :func:`video_level_accuracy` adds a per-video
 majority vote.
 
 Everything takes plain arrays: ``groups`` are video (or patient, where known) ids, one per frame,
@@ -24,7 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.nn import functional as F
 
-from ultrasound.augment import resize_and_normalize, to_float_chw
+from ultrasound.augment import USCLAugment, resize_and_normalize, to_float_chw
 from ultrasound.backbone import FEATURE_DIM, ResNet18Backbone
 
 DEFAULT_CS = (0.001, 0.01, 0.1, 1.0, 10.0)
@@ -70,7 +71,10 @@ def carve_validation(train_idx: Any, groups: Any, labels: Any, fraction: float =
     n_groups = len(np.unique(groups[train_idx]))
     if n_groups < 2:
         raise ValueError(f"need >= 2 groups to carve a validation split, got {n_groups}")
-    n_splits = min(n_groups, max(2, int(round(1.0 / fraction))))
+    # at most as many splits as the largest class has members (StratifiedGroupKFold's limit;
+    # reached on small sets carved one entry per video)
+    largest = int(np.max(np.unique(labels[train_idx], return_counts=True)[1]))
+    n_splits = min(n_groups, max(2, int(round(1.0 / fraction))), max(2, largest))
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     fit, val = next(splitter.split(np.zeros(len(train_idx)), labels[train_idx], groups[train_idx]))
     return np.sort(train_idx[fit]), np.sort(train_idx[val])
@@ -162,28 +166,65 @@ def backbone_from_state(state: Mapping[str, torch.Tensor] | None,
 
 
 @torch.no_grad()
-def _trunk_maps(backbone: ResNet18Backbone, frames: Any, image_size: int,
-                batch_size: int) -> torch.Tensor:
-    """Frozen part of the backbone (stem .. layer3), eval mode: the input of layer4."""
-    device = _model_device(backbone)
+def reestimate_batchnorm(backbone: nn.Module, frames: Any, image_size: int,
+                         batch_size: int = 64) -> nn.Module:
+    """Replace every BatchNorm layer's running mean and variance by their average over
+    ``frames`` (resized and normalised as in evaluation), in place; weights are untouched.
+
+    A randomly initialised trunk keeps BatchNorm's identity statistics (mean 0, variance 1),
+    while a pretrained one carries statistics adapted to ultrasound frames; re-estimating them
+    on the training frames makes random init the stronger, fairer baseline (a data-adapted
+    random feature map). Uses the cumulative average (``momentum=None``) so the result does not
+    depend on the batch order beyond float rounding.
+
+    Shape:
+        - frames: ``(N, H, W, C)`` uint8, ``N >= 2``.
+    """
     frames = torch.as_tensor(frames)
-    maps = []
-    for i in range(0, frames.shape[0], batch_size):
-        x = _prepare(frames[i: i + batch_size], image_size, device)
-        maps.append(backbone.layer3(backbone.layer2(backbone.layer1(backbone.stem(x)))))
-    return torch.cat(maps)
+    if frames.ndim != 4 or frames.shape[0] < 2:
+        raise ValueError(f"frames must be (N >= 2, H, W, C) uint8, got shape {tuple(frames.shape)}")
+    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = backbone.training
+    backbone.train()
+    device = _model_device(backbone)
+    try:
+        for i in range(0, frames.shape[0], batch_size):
+            chunk = frames[i: i + batch_size]
+            if chunk.shape[0] < 2:  # a batch of one has no variance to add
+                continue
+            backbone(_prepare(chunk, image_size, device))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        backbone.train(was_training)
+    return backbone
+
+
+FINETUNE_EPOCHS = 100
+FINETUNE_LR = 0.01
+FINETUNE_WEIGHT_DECAY = 1e-4
 
 
 def finetune_last_block(
     backbone_state: Mapping[str, torch.Tensor] | None,
     train_frames: Any, train_y: Any, val_frames: Any, val_y: Any, test_frames: Any, *,
-    num_classes: int, epochs: int = 20, lr: float = 1e-3, image_size: int = 224,
-    channels: int = 3, seed: int = 0, batch_size: int = 32, device: str | torch.device = "cpu",
+    num_classes: int, epochs: int = FINETUNE_EPOCHS, lr: float = FINETUNE_LR,
+    weight_decay: float = FINETUNE_WEIGHT_DECAY, image_size: int = 224, channels: int = 3,
+    seed: int = 0, batch_size: int = 32, augment: bool = True, device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """Fine-tune layer4 + a new linear layer on frozen stem..layer3 features (USCL's fine-tuning
-    protocol) and predict the test frames with the epoch of best validation accuracy (ties: the
-    earlier epoch). The frozen trunk runs once, in eval mode (its BatchNorm statistics stay
-    those of pretraining); frames are resized and normalised as in training, unaugmented.
+    """USCL's fine-tuning protocol (the authors' ``eval_pretrained_model.py``): train the last
+    residual block (``layer4[1]``) and a new linear layer, everything else frozen; Adam (lr 0.01,
+    weight decay 1e-4) with cosine annealing over ``epochs`` (100); training frames randomly
+    resized-cropped (scale 0.8-1, ratio 0.8-1.25) and flipped; the network in train mode, so
+    every BatchNorm layer's statistics follow the training frames, as in the authors' code.
+
+    Unlike the authors' script, which keeps each fold's best epoch on its test fold, the epoch
+    is chosen by accuracy on the validation frames (ties: the earlier epoch), then the test
+    frames are predicted (eval mode).
 
     Shape:
         - *_frames: ``(N, H, W, C)`` uint8; *_y: ``(N,)`` int in ``[0, num_classes)``.
@@ -193,9 +234,9 @@ def finetune_last_block(
     val_y = torch.as_tensor(np.asarray(val_y), dtype=torch.long)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if epochs < 1 or lr <= 0 or batch_size < 1:
-        raise ValueError(f"need epochs >= 1, lr > 0, batch_size >= 1; "
-                         f"got {epochs}, {lr}, {batch_size}")
+    if epochs < 1 or lr <= 0 or batch_size < 1 or weight_decay < 0:
+        raise ValueError(f"need epochs >= 1, lr > 0, batch_size >= 1, weight_decay >= 0; "
+                         f"got {epochs}, {lr}, {batch_size}, {weight_decay}")
     for name, y, frames in (("train", train_y, train_frames), ("val", val_y, val_frames)):
         if len(y) == 0 or len(y) != len(frames):
             raise ValueError(
@@ -204,38 +245,54 @@ def finetune_last_block(
             raise ValueError(f"{name} labels must lie in [0, {num_classes - 1}]")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    backbone = backbone_from_state(backbone_state, channels).to(device).eval()
-    maps = {name: _trunk_maps(backbone, frames, image_size, batch_size)
-            for name, frames in (("train", train_frames), ("val", val_frames),
-                                 ("test", test_frames))}
-    head = nn.Sequential(backbone.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(FEATURE_DIM, num_classes)).to(device)
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    model = finetune_model(backbone_from_state(backbone_state, channels), num_classes).to(device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                 weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0)
+    crop_flip = USCLAugment(image_size, channels, strength=0.0) if augment else None
+    train_float = to_float_chw(torch.as_tensor(train_frames))
+
+    def batch_of(idx: torch.Tensor) -> torch.Tensor:
+        if crop_flip is None:
+            return resize_and_normalize(train_float[idx], image_size).to(device)
+        return torch.stack([crop_flip(train_float[int(i)], generator) for i in idx]).to(device)
 
     @torch.no_grad()
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        head.eval()
-        return torch.cat([head(x[i: i + batch_size]).argmax(1).cpu()
-                          for i in range(0, x.shape[0], batch_size)]) if len(x) else \
+    def predict(frames: Any) -> torch.Tensor:
+        model.eval()
+        frames = torch.as_tensor(frames)
+        return torch.cat([model(_prepare(frames[i: i + batch_size], image_size, device)).argmax(1).cpu()
+                          for i in range(0, frames.shape[0], batch_size)]) if len(frames) else \
             torch.zeros(0, dtype=torch.long)
 
     best_acc, best_state = -1.0, None
     for _ in range(epochs):
-        head.train()
+        model.train()
         order = torch.randperm(len(train_y), generator=generator)
         for i in range(0, len(order), batch_size):
             idx = order[i: i + batch_size]
             if len(idx) < 2 and len(order) > 1:  # BatchNorm needs two samples
                 continue
-            loss = F.cross_entropy(head(maps["train"][idx.to(device)]), train_y[idx].to(device))
+            loss = F.cross_entropy(model(batch_of(idx)), train_y[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        acc = float((predict(maps["val"]) == val_y).float().mean())
+        schedule.step()
+        acc = float((predict(val_frames) == val_y).float().mean())
         if acc > best_acc:
-            best_acc, best_state = acc, copy.deepcopy(head.state_dict())
-    head.load_state_dict(best_state)
-    return predict(maps["test"]).numpy()
+            best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return predict(test_frames).numpy()
+
+
+def finetune_model(backbone: ResNet18Backbone, num_classes: int) -> nn.Sequential:
+    """``backbone`` + a new ``Linear(512, num_classes)``, with only ``layer4[1]`` and the new
+    layer trainable (the authors' ``features.7.1`` + ``linear``)."""
+    for param in backbone.parameters():
+        param.requires_grad = False
+    for param in backbone.layer4[1].parameters():
+        param.requires_grad = True
+    return nn.Sequential(backbone, nn.Linear(FEATURE_DIM, num_classes))
 
 
 def classification_report(y_true: Any, y_pred: Any, classes: Sequence[str]) -> dict[str, Any]:

@@ -11,11 +11,13 @@ A video with 2 frames gives its two augmented frames; a video with 1 frame gives
 augmentations of it. The negatives of a view are the other views of the batch, so every view is
 built from the frames of exactly one video.
 
-Plain SimCLR (``mixup=False``): the two views are the augmented first and last of the sampled
-frames, i.e. the ``lam = 1`` case of the formula above (two different frames when the video has
-more than one, two augmentations of the single frame otherwise). Choosing different frames keeps
-the SimCLR baseline on the same video-level sampling, so the comparison with USCL isolates mixup
-and the semi-supervised term, the two switches that separate the methods.
+Three pair modes (``PAIR_MODES``), so that the benchmark's arms differ in the pairs alone:
+
+- ``"uscl"``: the sample pair generation above (USCL);
+- ``"frames"``: inter-frame SimCLR, the augmented first and last of the sampled frames unmixed
+  (the ``lam = 1`` case of the formula: two different frames when the video has more than one);
+- ``"image"``: SimCLR as the authors' baseline runs it, two augmentations of one frame (chosen
+  uniformly among the sampled ones), so the positive pair never spans two moments of a video.
 
 Randomness: frame choice and ``lam`` come from a ``np.random.Generator``; augmentations from a
 ``torch.Generator`` seeded from it, so one seed reproduces a batch exactly.
@@ -28,6 +30,13 @@ import torch
 from ultrasound.augment import Augment, to_float_chw
 
 SPG_FRAMES = 3  # frames per video that USCL mixes
+PAIR_MODES = ("uscl", "frames", "image")
+
+
+def check_pair_mode(mode: str) -> str:
+    if mode not in PAIR_MODES:
+        raise ValueError(f"pair mode must be one of {', '.join(PAIR_MODES)}, got {mode!r}")
+    return mode
 
 
 def sample_frame_indices(n_frames: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -61,7 +70,7 @@ def generator_from(rng: np.random.Generator) -> torch.Generator:
 
 def spg_views(
     frames: torch.Tensor, n_real: int, lam: float, augment: Augment,
-    generator: torch.Generator, *, mixup: bool = True,
+    generator: torch.Generator, *, mode: str = "uscl",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two positive views of one video.
 
@@ -70,10 +79,10 @@ def spg_views(
             padding copies (ignored).
         n_real: number of real frames, ``1 <= n_real <= K``. With more than 3, three distinct
             ones are drawn from ``generator`` (kept in time order).
-        lam: mixup weight in [0, 1] (unused when ``mixup`` is False or ``n_real < 3``).
+        lam: mixup weight in [0, 1] (used by ``mode="uscl"`` with 3 or more real frames only).
         augment: per-frame augmentation ``(frame (C,H,W), generator) -> (C,S,S)``.
-        generator: drives ``augment`` (and the choice among more than 3 real frames).
-        mixup: False gives the plain SimCLR pair (see the module docstring).
+        generator: drives ``augment`` (and the choice of frames).
+        mode: ``"uscl"``, ``"frames"`` or ``"image"`` (see the module docstring).
 
     Shape:
         - frames: ``(K, C, H, W)`` float in [0, 1].
@@ -92,12 +101,16 @@ def spg_views(
         raise ValueError(f"n_real must be in [1, {frames.shape[0]}], got {n_real}")
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
+    check_pair_mode(mode)
+    if mode == "image":
+        frame = frames[int(torch.randint(n_real, (1,), generator=generator))]
+        return augment(frame, generator), augment(frame, generator)
     if n_real > SPG_FRAMES:
         keep = torch.randperm(n_real, generator=generator)[:SPG_FRAMES].sort().values
         frames, n_real = frames[keep], SPG_FRAMES
     if n_real == 1:
         return augment(frames[0], generator), augment(frames[0], generator)
-    if n_real == 2 or not mixup:
+    if n_real == 2 or mode == "frames":
         return augment(frames[0], generator), augment(frames[n_real - 1], generator)
     f1, f2, f3 = (augment(frames[i], generator) for i in range(SPG_FRAMES))
     return lam * f1 + (1.0 - lam) * f2, lam * f3 + (1.0 - lam) * f2
@@ -105,11 +118,12 @@ def spg_views(
 
 def make_pair_batch(
     frames: torch.Tensor | np.ndarray, n_real: torch.Tensor | np.ndarray, augment: Augment,
-    rng: np.random.Generator, alpha: float = 0.5, mixup: bool = True,
+    rng: np.random.Generator, alpha: float = 0.5, mode: str = "uscl",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPG over a batch of videos: view ``b`` of both outputs comes from video ``b`` only.
+    """Positive pairs over a batch of videos: view ``b`` of both outputs comes from video ``b``
+    only.
 
-    One ``lam`` per video (drawn only when ``mixup``), augmentations from a torch generator
+    One ``lam`` per video (drawn only in ``"uscl"`` mode), augmentations from a torch generator
     seeded from ``rng``.
 
     Shape:
@@ -125,12 +139,13 @@ def make_pair_batch(
         raise ValueError(f"n_real has {n_real.shape[0]} entries for {frames.shape[0]} videos")
     if frames.shape[0] == 0:
         raise ValueError("empty batch")
+    check_pair_mode(mode)
     generator = generator_from(rng)
     videos = to_float_chw(frames)  # (B, K, C, H, W)
     views_i, views_j = [], []
     for video, count in zip(videos, n_real.tolist()):
-        lam = sample_lambda(alpha, rng) if mixup else 1.0
-        x_i, x_j = spg_views(video, count, lam, augment, generator, mixup=mixup)
+        lam = sample_lambda(alpha, rng) if mode == "uscl" else 1.0
+        x_i, x_j = spg_views(video, count, lam, augment, generator, mode=mode)
         views_i.append(x_i)
         views_j.append(x_j)
     return torch.stack(views_i), torch.stack(views_j)

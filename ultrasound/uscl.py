@@ -7,8 +7,9 @@ pair generation (``ultrasound.pairs``); loss NT-Xent (t 0.5) plus lambda (0.2) t
 cross-entropy on the views of labelled videos; Adam (lr 3e-4, weight decay 1e-4), constant for
 10 epochs then cosine to 0 at epoch 300; 32 videos per batch; 224 x 224 images.
 
-Plain SimCLR is the same code with mixup and the cross-entropy switched off
-(:meth:`USCLConfig.plain_simclr`).
+The baselines are the same code with other positive pairs (``pairs``: ``"frames"``, two frames
+of one video unmixed; ``"image"``, two augmentations of one frame) and, for SimCLR, no
+cross-entropy (:meth:`USCLConfig.plain_simclr`: the authors' SimCLR baseline).
 
 Nothing here knows about workers: the model may be wrapped by DistributedDataParallel and
 ``NTXentLoss`` gathers negatives across workers by itself.
@@ -27,7 +28,7 @@ from torch import nn
 from ultrasound.augment import Augment, USCLAugment
 from ultrasound.backbone import FEATURE_DIM, ResNet18Backbone
 from ultrasound.losses import NTXentLoss, SemiSupervisedCE
-from ultrasound.pairs import make_pair_batch
+from ultrasound.pairs import PAIR_MODES, make_pair_batch
 
 PROJECTION_DIM = 256
 
@@ -53,7 +54,7 @@ class USCLConfig:
     temperature: float = 0.5
     mixup_alpha: float = 0.5
     ce_weight: float = 0.2
-    mixup: bool = True
+    pairs: str = "uscl"
     semi_supervised: bool = True
     aug_strength: float = 1.0
     frames_per_video: int = 3
@@ -75,6 +76,7 @@ class USCLConfig:
             (0 <= self.aug_strength <= 2.5, "aug_strength must be in [0, 2.5]"),
             (self.frames_per_video >= 1, "frames_per_video must be >= 1"),
             (self.num_classes >= 0, "num_classes must be >= 0"),
+            (self.pairs in PAIR_MODES, f"pairs must be one of {', '.join(PAIR_MODES)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -83,8 +85,13 @@ class USCLConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "USCLConfig":
         """Build from a YAML / CLI mapping. Unknown keys are rejected, naming the valid ones;
-        numbers written as strings (YAML reads ``3e-4`` as text) are converted."""
+        numbers written as strings (YAML reads ``3e-4`` as text) are converted. The ``mixup``
+        switch of earlier runs reads as ``pairs`` (true: ``"uscl"``, false: ``"frames"``)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        if "mixup" in values:
+            values = dict(values)
+            mixup = _coerce("mixup", "bool", values.pop("mixup"))
+            values.setdefault("pairs", "uscl" if mixup else "frames")
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"unknown USCL config key(s) {unknown}; valid keys: {sorted(fields)}")
@@ -95,8 +102,8 @@ class USCLConfig:
         return dataclasses.asdict(self)
 
     def plain_simclr(self) -> "USCLConfig":
-        """The SimCLR baseline: same everything, no mixup and no cross-entropy."""
-        return dataclasses.replace(self, mixup=False, semi_supervised=False)
+        """The authors' SimCLR baseline: two augmentations of one frame, no cross-entropy."""
+        return dataclasses.replace(self, pairs="image", semi_supervised=False)
 
     @property
     def uses_labels(self) -> bool:
@@ -262,8 +269,7 @@ def train_step(
     if class_index is None:
         class_index = torch.full((len(n_frames),), -1, dtype=torch.long)
     class_index = torch.as_tensor(class_index).reshape(-1).to(device).long()
-    x_i, x_j = make_pair_batch(frames, n_frames, augment, rng, alpha=cfg.mixup_alpha,
-                               mixup=cfg.mixup)
+    x_i, x_j = make_pair_batch(frames, n_frames, augment, rng, alpha=cfg.mixup_alpha, mode=cfg.pairs)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -89,7 +89,9 @@ def test_resume_continues_from_the_saved_epoch_and_labels_of_the_held_out_fold_s
     data = load_dataset(phantom16_uri)
     every = {r["video_id"] for r in data.rows}
     test0 = set(report["test_folds"][0])
-    assert test0 and set(saved["labelled_video_ids"]) == every - test0
+    val0 = set(report["validation_folds"][0])  # evaluate selects C on these: their labels stay unused too
+    assert test0 and val0 and not test0 & val0
+    assert set(saved["labelled_video_ids"]) == every - test0 - val0
     patients = {r["video_id"]: r["patient_id"] for r in data.rows}
     assert {v for v in every if patients[v] in {patients[t] for t in test0}} == test0
     assert saved["holdout"] == {"fold": 0, "folds": 3, "seed": 4, "classes": None, "probe": None}
@@ -111,7 +113,7 @@ def test_resume_continues_from_the_saved_epoch_and_labels_of_the_held_out_fold_s
     first_run, second_run = history[0]["run_id"], history[2]["run_id"]
     assert history[1]["run_id"] == first_run != second_run  # only epoch 2 ran the second time
     assert history[2]["session_start"] == 2
-    assert set(load_model_file(second["checkpoint"])["labelled_video_ids"]) == every - test0
+    assert set(load_model_file(second["checkpoint"])["labelled_video_ids"]) == every - test0 - val0
 
     # resuming a finished run trains nothing and gives the same result
     code, third = run_cli(main, [*base, "--epochs", "3", "--resume"])
@@ -223,7 +225,9 @@ def test_config_precedence_defaults_then_file_then_flags(tmp_path):
     assert (cfg.epochs, cfg.channels) == (2, 1)  # flags win
     assert (cfg.batch_videos, cfg.image_size, cfg.warmup_epochs) == (32, 224, 10)  # defaults
     simclr = resolve_config(parser.parse_args(["pretrain", "--data", "d", "--out", "o", "--simclr"]))
-    assert not simclr.mixup and not simclr.semi_supervised
+    assert simclr.pairs == "image" and not simclr.semi_supervised
+    frames = resolve_config(parser.parse_args(["pretrain", "--data", "d", "--out", "o", "--pairs", "frames"]))
+    assert frames.pairs == "frames" and frames.semi_supervised
 
 
 def test_decode_share_leaves_training_its_cores():

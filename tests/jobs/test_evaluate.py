@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cluster.dataset import load_dataset
-from cluster.evaluate import evaluation_rows, load_eval_frames, video_folds
+from cluster.evaluate import evaluation_rows, load_eval_frames, validation_videos, video_folds
 from jobs.cli import main
 from tests.cluster.test_pretrain import ingest_phantom16
 from tests.conftest import run_cli
@@ -77,11 +77,20 @@ def test_a_checkpoint_pretrained_with_test_fold_labels_is_refused(phantom16_uri,
     err = capsys.readouterr().err
     assert "fold 0" in err and test_folds[0][1] in err
 
-    # one checkpoint per fold, each blind to its own test fold's labels: accepted
+    # blind to the test fold but not to its validation videos: refused too (selection bias)
     every = {r["video_id"] for r in rows}
+    validation = [validation_videos(rows, classes, test) for test in test_folds]
+    assert all(v and not set(v) & set(t) for v, t in zip(validation, test_folds))
+    val_leak = checkpoint(tmp_path / "val-leak.pt", every - set(test_folds[0]))
+    code, _ = run_cli(main, ["evaluate", "--data", phantom16_uri, "--checkpoint", val_leak, "--folds", "3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "validation video(s) of fold 0" in err
+
+    # one checkpoint per fold, each blind to its own test and validation videos' labels: accepted
     for fold in range(3):
         (tmp_path / str(fold)).mkdir()
-        checkpoint(tmp_path / str(fold) / "model.pt", every - set(test_folds[fold]))
+        checkpoint(tmp_path / str(fold) / "model.pt", every - set(test_folds[fold]) - set(validation[fold]))
     code, result = run_cli(main, ["evaluate", "--data", phantom16_uri, "--checkpoint",
                                   str(tmp_path / "{fold}" / "model.pt"), "--folds", "3", "--json"])
     assert code == 0
@@ -102,3 +111,51 @@ def test_demo_stage_pretrains_and_compares_with_random_init(phantom16_uri, tmp_p
     for name in ("random", "uscl"):
         assert set(table[name]) == {"accuracy", "accuracy_std", "macro_f1", "macro_f1_std"}
         assert 0.0 <= table[name]["accuracy"] <= 1.0
+
+
+@pytest.mark.timeout(600)
+def test_evaluate_out_round_trips_and_compare_pairs_the_same_splits(phantom16_uri, tmp_path, capsys):
+    import json
+
+    other = tmp_path / "other.pt"
+    torch.manual_seed(5)
+    torch.save(ResNet18Backbone(1).state_dict(), other)
+    common = ["--data", phantom16_uri, "--folds", "3", "--split-seeds", "0,1", "--image-size", "32",
+              "--channels", "1", "--json"]
+    code, random_run = run_cli(main, ["evaluate", "--checkpoint", "random", "--out", str(tmp_path / "random"),
+                                      *common])
+    assert code == 0
+    saved = json.loads((tmp_path / "random" / "evaluation.json").read_text())
+    assert saved["name"] == "random" and saved["split_seeds"] == [0, 1] and len(saved["per_fold"]) == 6
+    assert saved["per_fold"] == random_run["per_fold"]  # what was printed is what was kept
+    data = load_dataset(phantom16_uri)
+    rows, classes = evaluation_rows(data)
+    assert [row["test_videos"] for row in saved["per_fold"]] == video_folds(rows, classes, 3, 0) + \
+        video_folds(rows, classes, 3, 1)
+    assert saved["accuracy"] == pytest.approx(np.mean([row["accuracy"] for row in saved["per_fold"]]))
+    code, _ = run_cli(main, ["evaluate", "--checkpoint", str(other), "--out", str(tmp_path / "seed5"), *common])
+    assert code == 0
+    capsys.readouterr()
+
+    code, comparison = run_cli(main, ["evaluate", "--compare", str(tmp_path / "seed5"),
+                                      str(tmp_path / "random" / "evaluation.json"), "--json"])
+    assert code == 0
+    assert [a["name"] for a in comparison["arms"]] == ["seed5", "random"] and comparison["pairs"] == 6
+    kept = json.loads((tmp_path / "seed5" / "evaluation.json").read_text())
+    by_metric = {d["metric"]: d for d in comparison["differences"]}
+    assert set(by_metric) == {"accuracy", "macro_f1", "video_accuracy"}
+    for metric, d in by_metric.items():
+        diffs = [a[metric] - b[metric] for a, b in zip(kept["per_fold"], saved["per_fold"])]
+        assert d["mean"] == pytest.approx(np.mean(diffs), abs=1e-12)
+        assert d["low"] <= d["mean"] <= d["high"]
+        assert d["wins"] == sum(x > 0 for x in diffs) and d["losses"] == sum(x < 0 for x in diffs)
+    assert "paired differences over 6" in capsys.readouterr().err  # the table: on stderr with --json
+
+    # arms evaluated on other splits are not paired
+    code, _ = run_cli(main, ["evaluate", "--checkpoint", "random", "--out", str(tmp_path / "folds4"),
+                             *[a if a != "3" else "4" for a in common]])
+    assert code == 0
+    capsys.readouterr()
+    code, _ = run_cli(main, ["evaluate", "--compare", str(tmp_path / "random"), str(tmp_path / "folds4")])
+    assert code == 2
+    assert "not evaluated on the same splits" in capsys.readouterr().err

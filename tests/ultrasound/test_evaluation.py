@@ -133,6 +133,50 @@ def test_backbone_from_state_reads_a_ddp_uscl_checkpoint():
         backbone_from_state(state, channels=3)
 
 
+def test_batchnorm_reestimation_changes_the_statistics_and_nothing_else():
+    from ultrasound.evaluation import reestimate_batchnorm
+
+    torch.manual_seed(0)
+    backbone = ResNet18Backbone(1).eval()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    frames = np.random.default_rng(0).integers(0, 255, (10, 32, 32, 1)).astype(np.uint8)
+    reestimate_batchnorm(backbone, frames, 32, batch_size=4)
+    after = backbone.state_dict()
+    stats = {k for k in after if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed == stats  # every statistic moved, no weight did
+    assert not backbone.training  # the mode is restored
+    # the first BatchNorm's running mean is the plain average of the batch means of its input
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+    conv = backbone.stem[0](((x - 0.5) / 0.25))
+    batch_means = [conv[i:i + 4].mean(dim=(0, 2, 3)) for i in (0, 4)]  # the 2 frames left form batch 3
+    third = conv[8:10].mean(dim=(0, 2, 3))
+    expected = (batch_means[0] + batch_means[1] + third) / 3
+    assert torch.allclose(after["stem.1.running_mean"], expected, atol=1e-5)
+    assert all(m.momentum == 0.1 for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_finetuning_trains_exactly_layer4_1_and_the_new_layer():
+    from ultrasound.evaluation import finetune_model
+
+    model = finetune_model(ResNet18Backbone(1), num_classes=3)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("0.layer4.1.", "1.")) for n in trainable)
+    assert {n for n, _ in model.named_parameters() if n.startswith(("0.layer4.1.", "1."))} == trainable
+    assert model[1].out_features == 3
+    # a real fine-tuning step moves exactly those parameters (BatchNorm statistics move everywhere)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 32, 32)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    optimizer.step()
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    weights_moved = {k for k in moved if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert weights_moved == trainable
+    assert "0.stem.1.running_mean" in moved  # frozen layers' statistics follow the training frames
+
+
 def test_finetune_last_block_learns_a_brightness_cue():
     rng = np.random.default_rng(0)
 
@@ -146,7 +190,7 @@ def test_finetune_last_block_learns_a_brightness_cue():
     torch.manual_seed(0)
     state = ResNet18Backbone(1).state_dict()
     before = {k: v.clone() for k, v in state.items()}
-    pred = finetune_last_block(state, ft, yt, fv, yv, fs, num_classes=2, epochs=4, lr=1e-3,
+    pred = finetune_last_block(state, ft, yt, fv, yv, fs, num_classes=2, epochs=6,
                                image_size=32, channels=1, seed=0, batch_size=8)
     assert pred.shape == (12,) and np.mean(pred == ys) >= 0.9
     assert all(torch.equal(before[k], state[k]) for k in state)  # the caller's state untouched

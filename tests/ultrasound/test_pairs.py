@@ -52,10 +52,41 @@ def test_one_frame_gives_two_different_augmentations():
     assert not torch.allclose(x_i, x_j)
 
 
-def test_plain_simclr_takes_first_and_last_frame_unmixed():
+def test_frames_mode_takes_first_and_last_frame_unmixed():
     video = constant_video([10, 20, 30])
-    x_i, x_j = spg_views(video, 3, 0.3, identity, torch.Generator(), mixup=False)
+    x_i, x_j = spg_views(video, 3, 0.3, identity, torch.Generator(), mode="frames")
     assert (value_of(x_i), value_of(x_j)) == pytest.approx((10, 30), abs=1e-4)
+
+
+def test_image_mode_pairs_one_frame_with_itself_and_visits_every_real_frame():
+    video = constant_video([10, 20, 30, 255])  # 255: a padding copy
+    picked = set()
+    for seed in range(40):
+        x_i, x_j = spg_views(video, 3, 0.3, identity, torch.Generator().manual_seed(seed), mode="image")
+        assert value_of(x_i) == pytest.approx(value_of(x_j), abs=1e-4)
+        picked.add(round(value_of(x_i)))
+    assert picked == {10, 20, 30}
+    # with a real augmentation the two views of the one frame differ
+    frame = torch.rand(1, 1, 40, 40, generator=torch.Generator().manual_seed(0))
+    x_i, x_j = spg_views(frame, 1, 0.5, USCLAugment(32, 1), torch.Generator().manual_seed(1), mode="image")
+    assert not torch.allclose(x_i, x_j)
+
+
+def test_batch_pairs_in_every_mode_come_from_their_own_video():
+    values = np.array([[10, 20, 30], [40, 50, 60], [70, 80, 90]])
+    frames = np.repeat(values[:, :, None, None, None], 6, axis=2).repeat(6, axis=3).astype(np.uint8)
+    n_real = np.array([3, 3, 3])
+    for mode, expect in (("uscl", None), ("frames", lambda v: (v[0], v[2])), ("image", None)):
+        x_i, x_j = make_pair_batch(frames, n_real, identity, np.random.default_rng(3), mode=mode)
+        for b, video in enumerate(values.tolist()):
+            vi, vj = value_of(x_i[b]), value_of(x_j[b])
+            assert min(video) - 1e-3 <= vi <= max(video) + 1e-3 and min(video) - 1e-3 <= vj <= max(video) + 1e-3
+            if expect is not None:
+                assert (vi, vj) == pytest.approx(expect(video), abs=1e-4)
+            if mode == "image":
+                assert vi == pytest.approx(vj, abs=1e-4) and round(vi) in video
+    with pytest.raises(ValueError, match="pair mode must be one of"):
+        make_pair_batch(frames, n_real, identity, np.random.default_rng(3), mode="mixup")
 
 
 def test_more_than_three_real_frames_mix_three_of_them_in_time_order():

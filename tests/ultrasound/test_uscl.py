@@ -25,14 +25,19 @@ def test_config_defaults_are_the_authors():
         (300, 32, 224, 3e-4, 1e-4)
     assert (cfg.warmup_epochs, cfg.temperature, cfg.mixup_alpha, cfg.ce_weight) == \
         (10, 0.5, 0.5, 0.2)
-    assert cfg.mixup and cfg.semi_supervised and not cfg.uses_labels  # no classes known yet
+    assert cfg.pairs == "uscl" and cfg.semi_supervised and not cfg.uses_labels  # no classes known yet
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 1.0
 
 
 def test_from_dict_converts_and_rejects_unknown_keys():
-    cfg = USCLConfig.from_dict({"lr": "3e-3", "epochs": 5.0, "mixup": "false", "channels": 1})
-    assert cfg.lr == 3e-3 and cfg.epochs == 5 and cfg.mixup is False and cfg.channels == 1
+    cfg = USCLConfig.from_dict({"lr": "3e-3", "epochs": 5.0, "pairs": "image", "channels": 1})
+    assert cfg.lr == 3e-3 and cfg.epochs == 5 and cfg.pairs == "image" and cfg.channels == 1
+    # the mixup switch of earlier runs' saved configs
+    assert USCLConfig.from_dict({"mixup": "false"}).pairs == "frames"
+    assert USCLConfig.from_dict({"mixup": True}).pairs == "uscl"
+    with pytest.raises(ValueError, match="pairs must be one of uscl, frames, image"):
+        USCLConfig.from_dict({"pairs": "video"})
     unknown = r"unknown USCL config key\(s\) \['learning_rate'\].*valid keys.*'lr'"
     with pytest.raises(ValueError, match=unknown):
         USCLConfig.from_dict({"learning_rate": 1e-3})
@@ -46,8 +51,8 @@ def test_from_dict_converts_and_rejects_unknown_keys():
 def test_plain_simclr_turns_off_the_two_switches_only():
     cfg = USCLConfig(num_classes=3, image_size=64)
     simclr = cfg.plain_simclr()
-    assert not simclr.mixup and not simclr.semi_supervised and not simclr.uses_labels
-    assert dataclasses.replace(simclr, mixup=True, semi_supervised=True) == cfg
+    assert simclr.pairs == "image" and not simclr.semi_supervised and not simclr.uses_labels
+    assert dataclasses.replace(simclr, pairs="uscl", semi_supervised=True) == cfg
     assert USCLModel.from_config(simclr).classifier is None
     assert USCLModel.from_config(cfg).classifier.out_features == 3
 
