@@ -7,8 +7,22 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import warnings
 
 import ray
+
+# What sonoray's own code prints inside Ray workers (rank 0's epoch lines, a stopped run's
+# reason), and what must never be hidden (a traceback, an error): kept when Ray's own log lines
+# are hidden. Everything else a worker or the raylet forwards is Ray's internals ("Requesting
+# resources", "Checkpoint successfully created", PreemptionWatcher, DDP stride warnings).
+SONORAY_WORKER_LINE = re.compile(r"^\s*(\(\S+ pid=\S+\)\s*)?((pretrain|msml|stopping|simulate|sweep):|\[sonoray)"
+                                 r"|Traceback|\b\w*Error\b")
+RAY_LOGS_VARIABLE = "SONORAY_RAY_LOGS"  # "1": show Ray's own log lines (sonoray -v)
+
+
+def ray_logs_shown() -> bool:
+    return os.environ.get(RAY_LOGS_VARIABLE, "0") == "1"
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> str:
@@ -20,8 +34,12 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     if ray.is_initialized():
         return _describe()
     _forward_ray_output_to_stderr()
+    if not ray_logs_shown():
+        from ray.util.annotations import RayDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
     address = address or os.environ.get("RAY_ADDRESS") or None
-    common = dict(logging_level=logging.WARNING, log_to_driver=True)
+    common = dict(logging_level=logging.WARNING if ray_logs_shown() else logging.ERROR, log_to_driver=True)
     if address:
         ray.init(address=address, **common)
     else:
@@ -41,8 +59,9 @@ def _forward_ray_output_to_stderr() -> None:
     """Print what Ray forwards from its workers and raylet (their stdout too, e.g. the raylet's
     "N PYTHON worker processes have been started" warning) on stderr, redacted: stdout is
     sonoray's own, so that a job's ``--json`` object is the last line there, and a worker that
-    prints a credential (a traceback holding a URL with its password) shows it masked. Must run
-    before ``ray.init``, which binds the printer."""
+    prints a credential (a traceback holding a URL with its password) shows it masked. Unless
+    Ray's logs are shown (``sonoray -v``), only sonoray's own lines, tracebacks and errors pass
+    (``SONORAY_WORKER_LINE``). Must run before ``ray.init``, which binds the printer."""
     import ray._private.worker as ray_worker
 
     from cluster.redact import redact
@@ -52,8 +71,12 @@ def _forward_ray_output_to_stderr() -> None:
         return
 
     def to_stderr(data, ignore_prefix: bool):
-        lines = [redact(line) for line in data.get("lines", [])]
-        return original({**data, "lines": lines, "is_err": True}, ignore_prefix)
+        lines = [redact(line) for line in data.get("lines", [])
+                 if ray_logs_shown() or SONORAY_WORKER_LINE.search(line)]
+        if not lines:
+            return None
+        # sonoray's own lines without Ray's "(RayTrainWorker pid=...)" prefix unless -v
+        return original({**data, "lines": lines, "is_err": True}, ignore_prefix or not ray_logs_shown())
 
     to_stderr._sonoray_stderr = True
     ray_worker.print_to_stdstream = to_stderr

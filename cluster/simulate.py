@@ -50,6 +50,7 @@ import ray
 from cluster.embeddings import SampleTable, principal_components
 from cluster.oracle import Oracle, OracleBook, OracleClient
 from cluster.storage import Location, Storage, parse_uri
+from ultrasound.config import coerce_fields
 from ultrasound.active import (
     ALState,
     ConfidenceConfig,
@@ -194,11 +195,9 @@ class SimulationConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], base: "SimulationConfig | None" = None) -> "SimulationConfig":
         """``base`` (default: the defaults) with ``values`` applied; unknown keys are rejected,
-        naming the valid ones. Lists may be given as comma-separated strings."""
-        unknown = sorted(set(values) - set(cls.valid_keys()))
-        if unknown:
-            raise ValueError(f"unknown simulation config key(s) {unknown}; valid keys: {cls.valid_keys()}")
-        kwargs = dict(values)
+        naming the valid ones; numbers written as text are converted. Lists may be given as
+        comma-separated strings."""
+        kwargs = coerce_fields(cls, values, "simulation")  # YAML's "3e-4" is text: converted
         for key in ("strategies", "labels"):
             if isinstance(kwargs.get(key), str):
                 kwargs[key] = tuple(v.strip() for v in kwargs[key].split(",") if v.strip())

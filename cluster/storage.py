@@ -36,6 +36,10 @@ class StorageError(RuntimeError):
     """Object storage could not be reached or refused a request; the message names the endpoint."""
 
 
+class LocationError(ValueError):
+    """A URI or stored key sonoray cannot use (unsupported scheme, no bucket, a ``..`` part)."""
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """Where S3 requests go. ``endpoint_url=None`` means AWS (or whatever boto3 resolves)."""
@@ -81,7 +85,7 @@ class Location:
         out, e.g. a tampered manifest) raises ValueError naming it."""
         tail = "/".join(p.strip("/") for p in parts if p)
         if ".." in tail.split("/"):
-            raise ValueError(f"{self.uri}: refusing to join {tail!r}: it has a '..' part")
+            raise LocationError(f"{self.uri}: refusing to join {tail!r}: it has a '..' part")
         if self.is_s3:
             key = f"{self.key.rstrip('/')}/{tail}".strip("/") if self.key else tail
             return Location("s3", self.bucket, key)
@@ -94,10 +98,10 @@ def parse_uri(uri: str) -> Location:
     if text.startswith("s3://"):
         parsed = urlparse(text)
         if not parsed.netloc:
-            raise ValueError(f"{uri!r}: an S3 URI needs a bucket (s3://bucket/prefix)")
+            raise LocationError(f"{uri!r}: an S3 URI needs a bucket (s3://bucket/prefix)")
         return Location("s3", parsed.netloc, parsed.path.strip("/"))
     if "://" in text and not text.startswith("file://"):
-        raise ValueError(f"{uri!r}: unsupported scheme (use s3://bucket/prefix or a local path)")
+        raise LocationError(f"{uri!r}: unsupported scheme (use s3://bucket/prefix or a local path)")
     return Location("file", "", str(Path(text.removeprefix("file://")).expanduser().resolve()))
 
 

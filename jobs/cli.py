@@ -8,7 +8,7 @@ import traceback
 
 from cluster.claim import ClaimError
 from cluster.redact import install_log_redaction, redact
-from cluster.storage import StorageError
+from cluster.storage import LocationError, StorageError
 from jobs.output import UserError, fail
 from ultrasound.checkpoint import CheckpointError
 from ultrasound.manifest import ManifestError
@@ -36,20 +36,58 @@ def build_parser() -> argparse.ArgumentParser:
         description="Lung-ultrasound video pretraining, multi-symptom classification and "
         "labelling-budget simulation on Ray.",
     )
+    parser.add_argument("--version", action="version", version=f"sonoray {package_version()}")
+    add_verbosity_args(parser, False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in JOB_MODULES:
         importlib.import_module(name).register(subparsers)
+    for sub in subparsers.choices.values():  # `sonoray -v pretrain ...` and `sonoray pretrain -v ...`
+        add_verbosity_args(sub, argparse.SUPPRESS)
     return parser
+
+
+def add_verbosity_args(parser: argparse.ArgumentParser, default) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="also show Ray's own log lines (hidden by default)")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="no progress lines; errors and the result still print")
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sonoray")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def apply_verbosity(args: argparse.Namespace) -> None:
+    """-v shows Ray's log lines, -q hides progress; through the environment, so the jobs the
+    demo or a local run starts in other processes behave the same."""
+    import os
+
+    from jobs.output import QUIET_VARIABLE
+
+    if getattr(args, "verbose", False):
+        from cluster.runtime import RAY_LOGS_VARIABLE  # imports Ray: only when asked for
+
+        os.environ[RAY_LOGS_VARIABLE] = "1"
+    if getattr(args, "quiet", False):
+        os.environ[QUIET_VARIABLE] = "1"
 
 
 def main(argv: list[str] | None = None) -> int:
     install_log_redaction()  # credentials never reach a log line, whatever logger prints it
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_verbosity(args)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ManifestError, StorageError, CheckpointError, ClaimError, FileNotFoundError) as err:
+    except (UserError, ManifestError, StorageError, LocationError, CheckpointError, ClaimError,
+            FileNotFoundError) as err:
         return fail(str(err))
     except KeyboardInterrupt:
         return fail("interrupted", code=130)

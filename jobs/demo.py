@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
-from jobs.output import emit_json, progress
+from jobs.output import emit_json, human_stream, progress
 
 STAGES = ("frames", "pretrain", "msml", "simulate", "sweep")
 
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary["work_dir"] = work_uri
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    print_table(summary)
+    print_table(summary, human_stream(args.json))
     if args.json:
         emit_json(summary)
     return 0
@@ -117,35 +119,39 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def print_table(summary: dict) -> None:
+def print_table(summary: dict, out: TextIO = sys.stdout) -> None:
     s = summary["stages"]
-    print("\nsonoray demo: results on the embedded default (phantom clips)")
-    print(f"  ingest    {summary['ingest']['ingested']} videos, {summary['ingest']['uploaded']} uploaded")
+
+    def say(text: str) -> None:
+        print(text, file=out)
+
+    say("\nsonoray demo: results on the embedded default (phantom clips)")
+    say(f"  ingest    {summary['ingest']['ingested']} videos, {summary['ingest']['uploaded']} uploaded")
     if "frames" in s:
         f = s["frames"]
-        print(f"  frames    {f['frames']} frames from {f['videos']} videos, {f['frames_per_s']} frames/s")
+        say(f"  frames    {f['frames']} frames from {f['videos']} videos, {f['frames_per_s']} frames/s")
     if "pretrain" in s:
         p = s["pretrain"]
         pre = p["pretrain"]
-        print(f"  pretrain  USCL {pre['epochs']} epochs, loss {pre['loss_first']} -> {pre['loss_last']}, "
+        say(f"  pretrain  USCL {pre['epochs']} epochs, loss {pre['loss_first']} -> {pre['loss_last']}, "
               f"{pre['images_per_s']} images/s")
-        print("  evaluate  linear probe        accuracy          macro-F1")
+        say("  evaluate  linear probe        accuracy          macro-F1")
         for name in ("random", "uscl"):
             r = p[name]
-            print(f"            {name:<18} {r['accuracy']:.3f} +- {r['accuracy_std']:.3f}   "
+            say(f"            {name:<18} {r['accuracy']:.3f} +- {r['accuracy_std']:.3f}   "
                   f"{r['macro_f1']:.3f} +- {r['macro_f1_std']:.3f}")
     if "msml" in s:
         m = s["msml"]
         loss = m.get("loss") or []
-        print(f"  msml      {m.get('epochs')} epochs, loss {_fmt(loss[0]) if loss else '?'} -> "
+        say(f"  msml      {m.get('epochs')} epochs, loss {_fmt(loss[0]) if loss else '?'} -> "
               f"{_fmt(loss[-1]) if loss else '?'}, mAP {_fmt(m.get('map'))}, macro-F1 {_fmt(m.get('macro_f1'))}")
     if "simulate" in s:
         sim = s["simulate"]
-        print(f"  simulate  {sim.get('experiments')} experiments, {sim.get('rounds')} rounds; report {sim.get('report')}")
+        say(f"  simulate  {sim.get('experiments')} experiments, {sim.get('rounds')} rounds; report {sim.get('report')}")
         for name, row in (sim.get("strategies") or {}).items():
-            print(f"            {name:<14} AULC {_fmt(row.get('aulc'))}  final mAP {_fmt(row.get('final_map'))}")
+            say(f"            {name:<14} AULC {_fmt(row.get('aulc'))}  final mAP {_fmt(row.get('final_map'))}")
     if "sweep" in s:
         sw = s["sweep"]
-        print(f"  sweep     {sw.get('completed')}/{sw.get('trials')} trials, best {_fmt(sw.get('best_metric'))} "
+        say(f"  sweep     {sw.get('completed')}/{sw.get('trials')} trials, best {_fmt(sw.get('best_metric'))} "
               f"with {sw.get('best_config')}")
-    print(f"  total     {summary['seconds']} s; outputs under {summary['work_dir']}")
+    say(f"  total     {summary['seconds']} s; outputs under {summary['work_dir']}")

@@ -22,7 +22,7 @@ from jobs.common import (
     csv_list,
     storage_from,
 )
-from jobs.output import UserError, emit_json, progress
+from jobs.output import UserError, emit_json, human_stream, progress
 
 FOLD_PLACEHOLDER = "{fold}"
 
@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
             summaries.append(summary)
     except (EvaluationError, ValueError) as err:  # bad flags, a checkpoint that does not fit
         raise UserError(str(err)) from err
-    human = sys.stderr if args.json else sys.stdout
+    human = human_stream(args.json)
     for summary in summaries:
         print_table(summary, human)
     record = evaluation_record(args.name or _default_name(args), summaries)
@@ -263,7 +263,7 @@ def run_compare(args: argparse.Namespace) -> int:
         comparison = compare_records(records)
     except EvaluationError as err:
         raise UserError(str(err)) from err
-    print_comparison(comparison, sys.stderr if args.json else sys.stdout)
+    print_comparison(comparison, human_stream(args.json))
     if args.json:
         emit_json(comparison)
     return 0

@@ -22,7 +22,7 @@ from jobs.common import (
     csv_list,
     storage_from,
 )
-from jobs.output import UserError, emit_json, progress
+from jobs.output import UserError, emit_json, human_stream, progress
 
 # CLI flag -> SimulationConfig field (flags left unset keep the YAML's or the default value)
 CONFIG_FLAGS = {
@@ -153,7 +153,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     for item in result.failed:
         progress(f"  failed {item['experiment_id']}: {item['error']}")
     if result.report is not None:
-        print(result.report["markdown"])
+        print(result.report["markdown"], file=human_stream(args.json))
     if args.json:
         emit_json(result.as_json())
     if result.failed:
@@ -166,7 +166,7 @@ def run_report(args: argparse.Namespace) -> int:
     from cluster.simulate import build_report
 
     report = build_report(storage_from(args), args.uri, on_progress=progress)
-    print(report["markdown"])
+    print(report["markdown"], file=human_stream(args.json))
     if args.json:
         emit_json(report_json(report))
     return 0

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ultrasound.config import coerce_fields
 from ultrasound.backbone import FEATURE_DIM, ResNet18Backbone
 from ultrasound.losses.multilabel import AsymmetricLoss, WeightedBCE
 
@@ -107,14 +108,11 @@ class MSMLConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "MSMLConfig":
-        """Build from a YAML/CLI mapping; unknown keys are rejected, naming the valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown MSML config key(s) {unknown}; valid keys: {valid}")
-        if "findings" not in values:
+        """Build from a YAML/CLI mapping; unknown keys are rejected, naming the valid ones, and
+        numbers written as text (YAML reads ``3e-4`` as a string) are converted."""
+        kwargs = coerce_fields(cls, values, "MSML")
+        if "findings" not in kwargs:
             raise ValueError("MSML config needs 'findings' (the finding names)")
-        kwargs = dict(values)
         findings = kwargs["findings"]
         if isinstance(findings, str):
             findings = [f.strip() for f in findings.split(",") if f.strip()]

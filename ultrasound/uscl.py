@@ -27,6 +27,7 @@ from torch import nn
 
 from ultrasound.augment import Augment, USCLAugment
 from ultrasound.backbone import FEATURE_DIM, ResNet18Backbone
+from ultrasound.config import coerce_fields, coerce_value
 from ultrasound.losses import NTXentLoss, SemiSupervisedCE
 from ultrasound.pairs import PAIR_MODES, make_pair_batch
 
@@ -87,15 +88,11 @@ class USCLConfig:
         """Build from a YAML / CLI mapping. Unknown keys are rejected, naming the valid ones;
         numbers written as strings (YAML reads ``3e-4`` as text) are converted. The ``mixup``
         switch of earlier runs reads as ``pairs`` (true: ``"uscl"``, false: ``"frames"``)."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
         if "mixup" in values:
             values = dict(values)
-            mixup = _coerce("mixup", "bool", values.pop("mixup"))
+            mixup = coerce_value("mixup", "bool", values.pop("mixup"), "USCL")
             values.setdefault("pairs", "uscl" if mixup else "frames")
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown USCL config key(s) {unknown}; valid keys: {sorted(fields)}")
-        kwargs = {name: _coerce(name, fields[name].type, value) for name, value in values.items()}
+        kwargs = coerce_fields(cls, values, "USCL")
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,30 +106,6 @@ class USCLConfig:
     def uses_labels(self) -> bool:
         """True when the semi-supervised cross-entropy is on (and classes are known)."""
         return self.semi_supervised and self.num_classes > 0
-
-
-def _coerce(name: str, annotation: Any, value: Any) -> Any:
-    kind = {"int": int, "float": float, "bool": bool}.get(str(annotation), None)
-    try:
-        if kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if isinstance(value, (bool, int)) and value in (0, 1):
-                return bool(value)
-            raise ValueError
-        if kind is int:
-            number = float(value)
-            if number != int(number) or isinstance(value, bool):
-                raise ValueError
-            return int(number)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"USCL config key {name!r} needs a {kind.__name__}, got {value!r}") from None
-    return value
 
 
 class USCLModel(nn.Module):

@@ -186,6 +186,10 @@ def test_a_driver_killed_mid_epoch_resumes_with_no_epoch_lost_or_repeated(phanto
     killed_after = saved_epoch(out)
     log_text = (tmp_path / "killed.log").read_text(errors="replace")
     assert killed_after is not None and 1 <= killed_after < epochs - 1, log_text[-3000:]
+    # a default run's output is sonoray's own: progress and epoch lines, none of Ray's internals
+    lines = [line for line in log_text.splitlines() if line.strip()]
+    assert lines and all(line.startswith(("[sonoray ", "pretrain: epoch ")) for line in lines), log_text[-3000:]
+    assert sum(line.startswith("pretrain: epoch ") for line in lines) >= 2
     assert not (out / "model.pt").exists() and not (out / "complete.json").exists()
 
     code, resumed = run_cli(main, [*argv, "--resume", "--json"])

@@ -32,3 +32,30 @@ def test_missing_subcommand_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2
+
+
+def test_version_names_the_installed_distribution(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sonoray {version('sonoray')}"
+
+
+@pytest.mark.parametrize("argv", [["-q", "phantom"], ["phantom", "-q"]])
+def test_quiet_drops_progress_lines_either_side_of_the_command(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SONORAY_QUIET", "0")  # restored after the test: -q sets it for the process
+    assert main(["phantom", str(tmp_path / "loud"), "--videos", "2", "--frames", "4", "--size", "32"]) == 0
+    assert "[sonoray " in capsys.readouterr().err
+    quiet = [*argv, str(tmp_path / "quiet"), "--videos", "2", "--frames", "4", "--size", "32"]
+    assert main(quiet) == 0
+    assert capsys.readouterr().err == ""
+    assert (tmp_path / "quiet" / "manifest.csv").is_file()
+
+
+@pytest.mark.parametrize("uri", ["gs://bucket/x", "s3:///no-bucket", "ftp://host/x"])
+def test_an_unsupported_uri_is_one_line_and_exit_2(uri, capsys):
+    assert main(["frames", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sonoray: error: ") and "Traceback" not in err[0]

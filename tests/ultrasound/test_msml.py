@@ -129,3 +129,20 @@ def test_a_few_steps_lower_the_loss_on_a_tiny_batch():
     assert probs.shape == (8, 2) and probs.min() >= 0 and probs.max() <= 1
     with pytest.raises(ValueError, match="targets must be"):
         msml_train_step(model, optimizer, images, targets[:, :1], loss_fn, 32)
+
+
+def test_numbers_written_as_yaml_text_are_converted_for_every_job_config(tmp_path):
+    """PyYAML reads ``lr: 3e-4`` as the string "3e-4"; each job's config converts it."""
+    import yaml
+
+    from cluster.simulate import SimulationConfig
+    from ultrasound.uscl import USCLConfig
+
+    values = yaml.safe_load("lr: 3e-4\nepochs: 2\n")
+    assert values["lr"] == "3e-4"  # the trap
+    assert MSMLConfig.from_dict({"findings": "a,b", **values}).lr == 3e-4
+    assert USCLConfig.from_dict(values).lr == 3e-4
+    sim = SimulationConfig.from_mapping(yaml.safe_load("confidence: 8e-1\nrounds: '3'\n"))
+    assert (sim.confidence, sim.rounds) == (0.8, 3)
+    with pytest.raises(ValueError, match="MSML config key 'epochs' needs an int, got 'two'"):
+        MSMLConfig.from_dict({"findings": "a", "epochs": "two"})

@@ -41,7 +41,7 @@ def test_from_dict_converts_and_rejects_unknown_keys():
     unknown = r"unknown USCL config key\(s\) \['learning_rate'\].*valid keys.*'lr'"
     with pytest.raises(ValueError, match=unknown):
         USCLConfig.from_dict({"learning_rate": 1e-3})
-    with pytest.raises(ValueError, match="'epochs' needs a int"):
+    with pytest.raises(ValueError, match="'epochs' needs an int"):
         USCLConfig.from_dict({"epochs": 2.5})
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         USCLConfig.from_dict({"channels": 2})
