@@ -241,7 +241,8 @@ def msml_train_loop(loop_config: dict) -> None:
                 "trained": loop_config["trained"], "history": history}
 
     if ctx.rank == 0 and restored is not None:
-        print(f"msml: resumed after epoch {start}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"msml: resumed after epoch {start}\n")  # print() would show twice under
+        sys.stderr.flush()                                          # Ray Train's print patch
     if start >= config.epochs:  # nothing left: hand the restored state back as the result
         report_epoch(history[-1] if history else {"epoch": start}, state(start), ctx.rank)
         return
@@ -275,9 +276,10 @@ def msml_train_loop(loop_config: dict) -> None:
         metrics["seconds"] = round(time.perf_counter() - began, 2)
         history.append(metrics)
         if ctx.rank == 0:
-            print(f"msml: epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f} "
-                  f"val mAP {metrics['val_map']:.3f} macro-F1 {metrics['val_macro_f1']:.3f} "
-                  f"({count} frames, {metrics['seconds']:.1f} s)", file=sys.stderr, flush=True)
+            sys.stderr.write(f"msml: epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f} "
+                             f"val mAP {metrics['val_map']:.3f} macro-F1 {metrics['val_macro_f1']:.3f} "
+                             f"({count} frames, {metrics['seconds']:.1f} s)\n")
+            sys.stderr.flush()
         report_epoch(metrics, state(epoch + 1), ctx.rank)
 
 
