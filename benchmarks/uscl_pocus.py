@@ -22,11 +22,14 @@ training folds). Primary measure: the linear probe. ``--finetune`` adds the auth
 protocol (layer4[1] + linear, Adam lr 0.01, cosine, 100 epochs) on the first split seed.
 
 CPU size (default): 64 px grayscale (the smallest size at which ResNet-18's last block still sees
-a 2 x 2 map, and 12x fewer pixels than 224), batch 16 videos (30 negatives per view),
-1,000 optimiser steps per pretraining (131 videos -> 9 steps an epoch -> 112 epochs), cosine
+a 2 x 2 map, and 12x fewer pixels than 224), batch 12 videos (22 negatives per view),
+1,000 optimiser steps per pretraining (131 videos -> 11 steps an epoch -> 91 epochs), cosine
 after 10% warm-up. At the measured 48 cached images/s (benchmarks/train_throughput.py) a
-pretraining takes about 11 min, so the nine of the default run (4 label-free arms + 5 folds of
-uscl-semi) need about 100 min before evaluation.
+pretraining takes about 9 min, so the eight of the default run (3 label-free arms + 5 folds of
+uscl-semi) need about 75 min, and the linear probes about 15 min more. Batch 16 would cost
+about 100 min of pretraining alone; 12 keeps the whole run inside the 100-minute budget.
+A run that stopped can go on with ``--resume WORK``: finished pretrainings and evaluations are
+reused.
 `--save` writes benchmarks/results/uscl_pocus.{md,json,png} and uscl_pocus_tsne.png.
 Paper scale (GPU): python benchmarks/uscl_pocus.py --gpu --image-size 224 --steps 1500 --channels 3
 """
@@ -60,7 +63,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--channels", type=int, choices=[1, 3], default=1)
     parser.add_argument("--steps", type=int, default=1000, help="optimiser steps per pretraining")
-    parser.add_argument("--batch-videos", type=int, default=16)
+    parser.add_argument("--batch-videos", type=int, default=12)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--gpu", action="store_true", help="pretrain and evaluate on GPUs")
@@ -71,6 +74,8 @@ def main() -> None:
     parser.add_argument("--finetune", action="store_true", help="also fine-tune (first split seed)")
     parser.add_argument("--finetune-epochs", type=int, default=100, help="(default 100, the authors')")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--resume", type=Path, default=None, metavar="WORK",
+                        help="continue the run in this work folder: finished pretrainings and evaluations are reused")
     parser.add_argument("--save", action="store_true",
                         help="write the table, JSON and figures to benchmarks/results/uscl_pocus*")
     parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
@@ -100,7 +105,9 @@ def main() -> None:
     semi_seeds = [int(s) for s in args.semi_seeds.split(",") if s]
     device = "cuda" if args.gpu else "cpu"
     scale = ScaleSpec(workers=args.workers, gpu=args.gpu)
-    work = (args.out or Path(tempfile.mkdtemp(prefix="uscl-pocus-"))) / time.strftime("%Y%m%d-%H%M%S")
+    if args.resume is not None and not args.resume.is_dir():
+        parser.error(f"--resume {args.resume}: no such work folder")
+    work = args.resume or (args.out or Path(tempfile.mkdtemp(prefix="uscl-pocus-"))) / time.strftime("%Y%m%d-%H%M%S")
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     timings: dict[str, float] = {}
 
@@ -120,12 +127,20 @@ def main() -> None:
         pretrain_runs: dict[str, list[dict]] = {}
 
         def run_pretrain(name: str, out: Path, config: USCLConfig, **kwargs) -> str:
-            t = time.perf_counter()
-            result = pretrain(data, str(out), config, scale, storage=storage, **kwargs)
-            pretrain_runs.setdefault(name, []).append(_run_summary(result))
-            timings[f"pretrain_{out.relative_to(work)}_s"] = time.perf_counter() - t
-            log(f"{out.relative_to(work)} pretrained: {pretrain_runs[name][-1]}")
-            return result.checkpoint_uri
+            done = out / "bench_run.json"  # written after the run completed: a resume reuses it
+            if done.exists() and (out / "complete.json").exists():
+                saved = json.loads(done.read_text())
+                log(f"{out.relative_to(work)}: reusing the finished pretraining")
+            else:
+                t = time.perf_counter()
+                result = pretrain(data, str(out), config, scale, storage=storage, **kwargs)
+                saved = {"summary": _run_summary(result), "checkpoint": result.checkpoint_uri,
+                         "seconds": time.perf_counter() - t}
+                done.write_text(json.dumps(saved))
+            pretrain_runs.setdefault(name, []).append(saved["summary"])
+            timings[f"pretrain_{out.relative_to(work)}_s"] = saved["seconds"]
+            log(f"{out.relative_to(work)} pretrained: {saved['summary']}")
+            return saved["checkpoint"]
 
         for arm, pairs in LABEL_FREE.items():
             if arm in arms:
@@ -145,6 +160,11 @@ def main() -> None:
         log(f"{len(frames)} evaluation frames of {len(set(frames.video_ids.tolist()))} videos")
 
         def evaluate(arm: str, checkpoint: str, seed: int, mode: str = "linear") -> dict:
+            cached = work / "eval" / f"{arm}-{mode}-seed{seed}.json"
+            if cached.exists():
+                saved = json.loads(cached.read_text())
+                timings[f"eval_{arm}_{mode}_seed{seed}_s"] = saved["seconds"]
+                return saved["summary"]
             t = time.perf_counter()
             summary = evaluate_summary(DATA_URI, checkpoint, mode=mode, folds=args.folds, split_seed=seed,
                                        classes=CLASSES, probe=PROBE, image_size=args.image_size,
@@ -152,6 +172,9 @@ def main() -> None:
                                        epochs=args.finetune_epochs if mode == "finetune" else None)
             timings[f"eval_{arm}_{mode}_seed{seed}_s"] = time.perf_counter() - t
             log(f"{arm} {mode} seed {seed}: accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}")
+            cached.parent.mkdir(exist_ok=True)
+            cached.write_text(json.dumps({"summary": summary, "seconds": timings[f"eval_{arm}_{mode}_seed{seed}_s"]},
+                                         default=_plain))
             return summary
 
         records: dict[str, dict[str, dict]] = {"linear": {}, "finetune": {}}
@@ -176,7 +199,13 @@ def main() -> None:
             first = semi_seeds[0] if "uscl-semi" in arms else seeds[0]
             comparisons[f"fine-tuning, split seed {first}"] = compare_records(
                 [_only_seeds(records["finetune"][a], [first]) for a in arms])
-        embeddings = embedding_maps(arms, checkpoints, semi, frames, args)
+        (work / "records.json").write_text(json.dumps({"records": records, "comparisons": comparisons,
+                                                       "pretrain": pretrain_runs}, default=_plain))
+        try:
+            embeddings = embedding_maps(arms, checkpoints, semi, frames, args)
+        except Exception as err:  # noqa: BLE001 - the map is a picture; the measured results must still be saved
+            log(f"embedding maps failed ({type(err).__name__}: {err}); results are saved without them")
+            embeddings = None
 
     timings["total_s"] = time.perf_counter() - started
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs (load average {load_at_start:.1f} at start, "
@@ -192,16 +221,21 @@ def main() -> None:
               "pretrain": pretrain_runs, "embeddings": embeddings,
               "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     table = markdown_table(report)
-    (work / "uscl_pocus.json").write_text(json.dumps(report, indent=1) + "\n")  # for --replot
+    (work / "uscl_pocus.json").write_text(json.dumps(report, indent=1, default=_plain) + "\n")  # for --replot
     log(f"results in {work / 'uscl_pocus.json'}")
     if args.save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "uscl_pocus.md").write_text(table + "\n")
-        (RESULTS / "uscl_pocus.json").write_text(json.dumps(report, indent=1) + "\n")
+        (RESULTS / "uscl_pocus.json").write_text(json.dumps(report, indent=1, default=_plain) + "\n")
         plot(report, RESULTS / "uscl_pocus.png")
         plot_embeddings(report, RESULTS / "uscl_pocus_tsne.png")
     print(table)
     print(json.dumps({k: report[k] for k in ("settings", "comparisons", "timings_s")}))
+
+
+def _plain(value):
+    """JSON for numpy scalars and arrays in an evaluation summary."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def _only_seeds(record: dict, seeds: list[int]) -> dict:
@@ -322,6 +356,8 @@ def plot_embeddings(report: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    if not report.get("embeddings"):
+        return
     maps, classes = report["embeddings"]["maps"], report["embeddings"]["classes"]
     fig, axes = plt.subplots(1, len(maps), figsize=(3.6 * len(maps), 3.8), squeeze=False)
     for ax, (arm, m) in zip(axes[0], maps.items()):

@@ -63,9 +63,13 @@ from ultrasound.active import (
     train_head,
     tsal_round,
 )
-from ultrasound.al_report import round_metrics
+from ultrasound.active.head import positive_weights as head_positive_weights
+from ultrasound.al_report import round_metrics, strategy_entries
 
-STRATEGY_CHOICES = ("tsal", "mlm", "random", "least_margin", "mean_entropy", "lci", "adaptive")
+STRATEGY_CHOICES = ("tsal", "mlm", "self_training", "random", "least_margin", "mean_entropy", "lci", "adaptive")
+MACHINE_STREAM = ("tsal", "self_training")  # the kinds that accept confidence-validated machine labels
+# bumped when a change of the experiment logic changes results: old folders never resume into new runs
+SIMULATOR_VERSION = 2
 DEFAULT_STRATEGIES = ("tsal", "random", "least_margin", "mean_entropy", "lci", "adaptive")
 MODES = ("embeddings", "finetune")
 SPLIT_STREAM = 2_147_483_647  # the split's generator is default_rng([seed, SPLIT_STREAM])
@@ -75,14 +79,16 @@ ORACLE_LOG = "oracle_log.parquet"
 ORACLE_ACTOR_PREFIX = "sonoray-oracle-"
 
 # fields of SimulationConfig that decide a result, by who reads them
-_COMMON_FIELDS = ("initial", "per_round", "mode", "test_fraction", "noise", "cost_unit")
+_COMMON_FIELDS = ("initial", "per_round", "mode", "test_fraction", "noise", "cost_unit", "query_unit")
 _MODEL_FIELDS = {
     "embeddings": ("head_l2", "head_pos_weight", "head_max_iter"),
     "finetune": ("finetune_epochs", "finetune_batch_size", "finetune_lr"),
 }
+_MACHINE_FIELDS = ("confidence", "rule_confidence", "min_dependence", "max_machine_per_round", "audit",
+                   "audit_cost", "audit_gate", "machine_weight")
 _STRATEGY_FIELDS = {
-    "tsal": ("correlation_weight", "smallest", "confidence", "rule_confidence", "min_dependence",
-             "max_machine_per_round", "audit", "audit_cost", "audit_gate", "machine_weight"),
+    "tsal": ("correlation_weight", "smallest") + _MACHINE_FIELDS,
+    "self_training": _MACHINE_FIELDS,
     "mlm": ("correlation_weight", "smallest"),
     "adaptive": ("adaptive_beta",),
 }
@@ -94,8 +100,9 @@ class SimulationConfig:
 
     Attributes:
         strategies: experiment kinds: ``tsal`` (MLM queries + confidence-validated machine labels
-            + audits), ``mlm`` (MLM queries only) and the baselines ``random``, ``least_margin``,
-            ``mean_entropy``, ``lci``, ``adaptive``.
+            + audits), its two streams alone, ``mlm`` (MLM queries only) and ``self_training``
+            (random queries + the machine stream), and the baselines ``random``,
+            ``least_margin``, ``mean_entropy``, ``lci``, ``adaptive``.
         seeds: experiments per strategy, seeds ``0..seeds-1`` (each seed fixes the split, the
             initial set, the annotator's errors and every draw).
         initial, per_round: labelling budget as shares of the training pool: the initial random
@@ -107,9 +114,14 @@ class SimulationConfig:
         test_fraction: share of patients (videos when unknown) held out for evaluation.
         noise: annotator error, per-label flip probability.
         cost_unit: ``frame`` or ``video`` (see :mod:`cluster.oracle`).
+        query_unit: ``frame`` (default: a round queries single frames, at most one per video
+            while unqueried videos remain) or ``video`` (the initial set and every round pick
+            whole videos, ``initial`` / ``per_round`` then count videos, and the oracle labels
+            every frame of a picked video at one video's cost; needs ``cost_unit: video``).
         confidence: TSAL's per-finding confidence threshold for machine labels.
         rule_confidence, min_dependence: co-occurrence rules of the validation (docs/tsal.md).
-        max_machine_per_round: cap on accepted machine labels per round (``None``: no cap).
+        max_machine_per_round: cap on newly accepted machine labels per round: ``"budget"``
+            (default: as many as the round's human queries), a number, or ``None`` (no cap).
         audit: share of accepted machine labels the oracle audits.
         audit_cost: cost of one audit (1 = as much as labelling a frame).
         audit_gate: drop a round's unaudited machine labels when the audited error rate exceeds
@@ -133,10 +145,11 @@ class SimulationConfig:
     test_fraction: float = 0.25
     noise: float = 0.0
     cost_unit: str = "frame"
+    query_unit: str = "frame"
     confidence: float = 0.9
     rule_confidence: float = 0.9
     min_dependence: float = 0.2
-    max_machine_per_round: int | None = None
+    max_machine_per_round: int | str | None = "budget"
     audit: float = 0.1
     audit_cost: float = 0.5
     audit_gate: float | None = None
@@ -169,8 +182,14 @@ class SimulationConfig:
             (0 < self.test_fraction < 1, f"test_fraction must be in (0, 1), got {self.test_fraction}"),
             (0 <= self.noise <= 0.5, f"noise must be in [0, 0.5], got {self.noise}"),
             (self.cost_unit in ("frame", "video"), f"cost_unit must be frame or video, got {self.cost_unit!r}"),
+            (self.query_unit in ("frame", "video"), f"query_unit must be frame or video, got {self.query_unit!r}"),
+            (self.query_unit == "frame" or self.cost_unit == "video",
+             "query_unit video labels whole videos at one video's cost: set cost_unit video too"),
             (0 <= self.audit <= 1, f"audit must be in [0, 1], got {self.audit}"),
             (self.audit_cost >= 0, f"audit_cost must be >= 0, got {self.audit_cost}"),
+            (self.max_machine_per_round in (None, "budget")
+             or (isinstance(self.max_machine_per_round, int) and self.max_machine_per_round >= 0),
+             f"max_machine_per_round must be 'budget', a number >= 0 or none, got {self.max_machine_per_round!r}"),
             (self.audit_gate is None or 0 <= self.audit_gate <= 1, f"audit_gate must be in [0, 1], got {self.audit_gate}"),
             (self.machine_weight >= 0, f"machine_weight must be >= 0, got {self.machine_weight}"),
             (self.head_pos_weight in ("auto", "none"), f"head_pos_weight must be auto or none, got {self.head_pos_weight!r}"),
@@ -198,6 +217,9 @@ class SimulationConfig:
         naming the valid ones; numbers written as text are converted. Lists may be given as
         comma-separated strings."""
         kwargs = coerce_fields(cls, values, "simulation")  # YAML's "3e-4" is text: converted
+        cap = kwargs.get("max_machine_per_round")
+        if isinstance(cap, str) and cap.strip().lower() in ("none", "null", ""):
+            kwargs["max_machine_per_round"] = None
         for key in ("strategies", "labels"):
             if isinstance(kwargs.get(key), str):
                 kwargs[key] = tuple(v.strip() for v in kwargs[key].split(",") if v.strip())
@@ -209,12 +231,17 @@ class SimulationConfig:
         out["labels"] = list(self.labels) if self.labels is not None else None
         return out
 
-    def confidence_config(self) -> ConfidenceConfig:
+    def confidence_config(self, budget_per_round: int = 1) -> ConfidenceConfig:
+        """The machine stream's settings; ``"budget"`` caps it at ``budget_per_round``."""
+        cap = budget_per_round if self.max_machine_per_round == "budget" else self.max_machine_per_round
         return ConfidenceConfig(threshold=self.confidence, rule_confidence=self.rule_confidence,
-                                min_dependence=self.min_dependence, max_per_round=self.max_machine_per_round)
+                                min_dependence=self.min_dependence, max_per_round=cap)
 
     def strategy(self, name: str):
-        """The query strategy of an experiment kind (``tsal`` queries with MLM)."""
+        """The query strategy of an experiment kind (``tsal`` queries with MLM, ``self_training``
+        at random)."""
+        if name == "self_training":
+            return make_strategy("random")
         if name in ("tsal", "mlm"):
             return make_strategy("mlm", correlation_weight=self.correlation_weight, smallest=self.smallest)
         if name == "adaptive":
@@ -224,7 +251,8 @@ class SimulationConfig:
     def experiment_settings(self, strategy: str) -> dict[str, Any]:
         """The fields that decide an experiment's results (the experiment id hashes them)."""
         names = _COMMON_FIELDS + _MODEL_FIELDS[self.mode] + _STRATEGY_FIELDS.get(strategy, ())
-        return {"strategy": strategy, **{name: getattr(self, name) for name in names}, **self._projection()}
+        return {"strategy": strategy, "version": SIMULATOR_VERSION, **{name: getattr(self, name) for name in names},
+                **self._projection()}
 
     def reference_settings(self) -> dict[str, Any]:
         names = ("mode", "test_fraction") + _MODEL_FIELDS[self.mode]
@@ -263,13 +291,15 @@ class FaultInjection:
 @dataclass(frozen=True, eq=False)
 class Split:
     """Global sample indices of one seed's split, and the test labels (the experiment sees
-    pool labels only through the oracle)."""
+    pool labels only through the oracle). ``pool_groups`` ``(len(train),)`` int: the video of
+    each pool sample, numbered ``0..pool_videos-1`` (queries take one frame per video a round)."""
 
     seed: int
     train: np.ndarray
     test: np.ndarray
     test_labels: np.ndarray
     pool_videos: int = 0
+    pool_groups: np.ndarray | None = None
 
 
 def split_by_group(groups: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -313,12 +343,15 @@ class HeadModel:
     def __init__(self, features: np.ndarray, config: SimulationConfig, seed: int) -> None:
         self.features, self.config = features, config
 
-    def fit(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray):
+    def fit(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray, verified: np.ndarray | None = None):
+        """``verified`` ``(M,)`` bool marks the human labels: positive weights count only those
+        (machine labels of a flooded stream must not decide a finding's prevalence)."""
         c = self.config
+        pos_weight = None if c.head_pos_weight == "none" else human_positive_weights(labels, verified)
         # blas_threads=None: the caller (run_experiment / run_reference) already holds BLAS at
         # one thread; entering threadpoolctl again costs more than a small fit
         return train_head(self.features[idx], labels, weights, l2=c.head_l2, max_iter=c.head_max_iter,
-                          pos_weight=None if c.head_pos_weight == "none" else "auto", blas_threads=None)
+                          pos_weight=pos_weight, blas_threads=None)
 
     def predict(self, fitted, idx: np.ndarray) -> np.ndarray:
         if idx.size == 0:
@@ -353,7 +386,7 @@ class FinetuneModel:
                           "the --init checkpoint")
         return net.to(self.device)
 
-    def fit(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray):
+    def fit(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray, verified: np.ndarray | None = None):
         import torch
 
         from ultrasound.msml import build_loss, build_optimizer, msml_train_step
@@ -361,7 +394,7 @@ class FinetuneModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             net = self._net()
-            loss_fn = build_loss(net.config, labels).to(self.device)
+            loss_fn = build_loss(net.config, labels if verified is None else labels[verified]).to(self.device)
             optimizer = build_optimizer(net, net.config)
             rng = np.random.default_rng([self.seed, idx.size])
             batch = net.config.batch_size
@@ -381,6 +414,14 @@ class FinetuneModel:
         if idx.size == 0:
             return np.zeros((0, len(self.findings)), np.float32)
         return msml_predict(fitted, self.images[idx], fitted.config.image_size)
+
+
+def human_positive_weights(labels: np.ndarray, verified: np.ndarray | None) -> np.ndarray | str:
+    """``#neg/#pos`` per finding over the human labels only (``train_head``'s ``"auto"`` rule on
+    the verified rows); ``"auto"`` over every row when ``verified`` is None or selects none."""
+    if verified is None or not np.asarray(verified).any():
+        return "auto"
+    return head_positive_weights("auto", np.asarray(labels, np.float32)[np.asarray(verified, bool)])
 
 
 def make_model(config: SimulationConfig, features: np.ndarray, seed: int, findings: tuple[str, ...],
@@ -489,11 +530,17 @@ def _run_experiment(
     num_labels = len(findings)
     asker = spec.experiment_id
     cost_scale = float(split.pool_videos if config.cost_unit == "video" else pool.size)
-    k_initial = min(pool.size, max(1, int(round(config.initial * pool.size))))
-    k_round = max(1, int(round(config.per_round * pool.size)))
+    by_video = config.query_unit == "video"
+    if by_video and split.pool_groups is None:
+        raise ValueError("query_unit video needs the video of every pool sample (Split.pool_groups)")
+    units = split.pool_videos if by_video else pool.size  # what the budget shares count
+    k_initial = min(units, max(1, int(round(config.initial * units))))
+    k_round = max(1, int(round(config.per_round * units)))
+    frames_per_unit = pool.size / units if by_video else 1.0
     strategy = config.strategy(spec.strategy)
-    confidence = config.confidence_config() if spec.strategy == "tsal" else None
-    audit_fraction = config.audit if spec.strategy == "tsal" else 0.0
+    machine_stream = spec.strategy in MACHINE_STREAM
+    confidence = config.confidence_config(int(round(k_round * frames_per_unit))) if machine_stream else None
+    audit_fraction = config.audit if machine_stream else 0.0
     model = make_model(config, features, spec.seed, findings, init_backbone)
 
     oracle.register(asker, pool, noise_key=spec.seed)
@@ -501,14 +548,17 @@ def _run_experiment(
     done = on_disk
     state, meta = None, None
     if done:
-        records: list[dict] = []
+        by_index: dict[int, dict] = {}
         for r in range(done):
             try:
                 rows, meta = read_round(storage, exp.join(f"round_{r}.parquet"))
             except UNREADABLE_ROUND:  # torn or corrupt: recompute it and every later round
                 done = on_disk = r
                 break
-            records += rows
+            for index in meta.get("revoked", []):  # machine labels this round took back
+                by_index.pop(int(index), None)
+            by_index.update({int(row["index"]): row for row in rows})
+        records = list(by_index.values())
     if done:
         globals_ = {row["index"]: row["global_index"] for row in records}
         state = ALState.from_records([{k: v for k, v in row.items() if k != "global_index"} for row in records],
@@ -520,8 +570,8 @@ def _run_experiment(
             "budget_initial": k_initial, "budget_per_round": k_round}
     computed = 0
     fitted = None
-    totals = {"machine_vectors_correct": 0, "machine_labels_correct": 0, "machine_labels_total": 0} if meta is None \
-        else {k: int(meta[k]) for k in ("machine_vectors_correct", "machine_labels_correct", "machine_labels_total")}
+    total_keys = ("machine_accepted_total", "machine_vectors_correct", "machine_labels_correct", "machine_labels_total")
+    totals = {k: 0 if meta is None else int(meta.get(k, 0)) for k in total_keys}
 
     def fit_and_write(r: int, state: ALState, started: float, plan: RoundPlan | None,
                       grade: dict | None = None) -> dict:
@@ -533,7 +583,8 @@ def _run_experiment(
                 proposals = np.array([state.record(i).machine_labels for i in kept], dtype=np.uint8)
                 grade = oracle.grade(asker, pool[np.asarray(kept)], proposals)
             if kept and grade is not None:
-                totals = {"machine_vectors_correct": totals["machine_vectors_correct"] + grade["vectors_correct"],
+                totals = {"machine_accepted_total": totals["machine_accepted_total"] + len(kept),
+                          "machine_vectors_correct": totals["machine_vectors_correct"] + grade["vectors_correct"],
                           "machine_labels_correct": totals["machine_labels_correct"] + grade["labels_correct"],
                           "machine_labels_total": totals["machine_labels_total"] + grade["labels_total"]}
         fit_started = time.perf_counter()
@@ -555,6 +606,8 @@ def _run_experiment(
                 "hamming_loss": metrics["hamming_loss"], "per_finding_ap": metrics["per_finding_ap"],
                 "excluded": metrics["excluded"],
                 "rejected_inconsistent": plan.rejected_inconsistent if plan is not None else 0,
+                "revoked": plan.revoked.tolist() if plan is not None else [],
+                "machine_revoked": int(plan.revoked.size) if plan is not None else 0,
                 "fit_seconds": round(fit_seconds, 4), "round_seconds": round(time.perf_counter() - started, 4)}
         new = [rec.to_dict() for rec in state.records if rec.round == r]
         storage.write_parquet(round_table(new, pool, meta), exp.join(f"round_{r}.parquet"))
@@ -566,7 +619,11 @@ def _run_experiment(
     if state is None:
         started = time.perf_counter()
         rng = round_rng(spec.seed, 0)
-        picks = np.sort(rng.choice(pool.size, size=k_initial, replace=False)).astype(np.int64)
+        if by_video:  # every frame of k_initial random videos
+            videos = rng.choice(split.pool_videos, size=k_initial, replace=False)
+            picks = np.flatnonzero(np.isin(split.pool_groups, videos)).astype(np.int64)
+        else:
+            picks = np.sort(rng.choice(pool.size, size=k_initial, replace=False)).astype(np.int64)
         labels, costs = oracle.query(asker, 0, pool[picks])
         state = ALState(num_labels).with_labels(picks, labels, source="initial", round=0, costs=costs)
         meta = fit_and_write(0, state, started, None)
@@ -584,7 +641,11 @@ def _run_experiment(
         plan = None
         if unlabelled.size:  # every round with a pool queries >= 1 sample, so it adds records
             probs = model.predict(fitted, pool[unlabelled])
-            plan = tsal_round(probs, unlabelled, state, k_round, strategy, context, confidence, audit_fraction, rng)
+            groups = split.pool_groups[unlabelled] if split.pool_groups is not None else None
+            held = state.unverified_indices()
+            probs_held = model.predict(fitted, pool[held]) if confidence is not None else None
+            plan = tsal_round(probs, unlabelled, state, k_round, strategy, context, confidence, audit_fraction, rng,
+                              groups=groups, probs_machine=probs_held, whole_groups=by_video)
             if plan.round != r:
                 raise RuntimeError(f"{asker}: round {r} planned as round {plan.round} (a round without records?)")
             # one round trip: the queries, the audits, and the grading of the machine proposals
@@ -614,7 +675,7 @@ def _fit(model, state: ALState, pool: np.ndarray, machine_weight: float):
     weights = np.where(verified, 1.0, machine_weight).astype(np.float32)
     if weights.sum() <= 0:  # only unweighted machine labels: fall back to the human ones
         weights = verified.astype(np.float32)
-    return model.fit(pool[idx], labels, weights)
+    return model.fit(pool[idx], labels, weights, verified)
 
 
 def _answers_of(state: ALState, global_index: Mapping[int, int]) -> list[dict]:
@@ -733,8 +794,7 @@ class SimulationResult:
     def as_json(self) -> dict:
         strategies = {}
         if self.report is not None:
-            strategies = {name: {"aulc": s["aulc"], "final_map": s["final_map"]}
-                          for name, s in self.report["summary"]["strategies"].items()}
+            strategies = strategy_entries(self.report["summary"])
         return {"experiments": self.experiments, "rounds": self.rounds, "resumed_rounds": self.resumed_rounds,
                 "skipped": self.skipped, "failed": len(self.failed), "seconds": round(self.seconds, 2),
                 "rounds_per_s": round(self.rounds / self.seconds, 2) if self.seconds > 0 else None,
@@ -753,7 +813,8 @@ def make_splits(table: SampleTable, config: SimulationConfig) -> dict[int, Split
     splits = {}
     for seed in range(config.seeds):
         train, test = split_by_group(groups, config.test_fraction, seed)
-        splits[seed] = Split(seed, train, test, table.labels[test], int(np.unique(table.video_id[train]).size))
+        videos, pool_groups = np.unique(table.video_id[train], return_inverse=True)
+        splits[seed] = Split(seed, train, test, table.labels[test], int(videos.size), pool_groups.astype(np.int64))
     return splits
 
 

@@ -28,6 +28,7 @@ from jobs.output import UserError, emit_json, human_stream, progress
 CONFIG_FLAGS = {
     "strategies": "strategies", "initial": "initial", "per_round": "per_round", "rounds": "rounds",
     "seeds": "seeds", "mode": "mode", "labels": "labels", "noise": "noise", "cost_unit": "cost_unit",
+    "query_unit": "query_unit", "max_machine_per_round": "max_machine_per_round",
     "confidence": "confidence", "audit": "audit", "audit_cost": "audit_cost",
     "correlation_weight": "correlation_weight", "machine_weight": "machine_weight",
     "test_fraction": "test_fraction", "embedding_dims": "embedding_dims",
@@ -40,8 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="labelling-budget simulations: active-learning experiments on Ray",
         description="Run every (strategy, seed) active-learning experiment on the data set at --data "
         "against a simulated oracle and write rounds, reference and report under --out. 'tsal' = "
-        "multi-label margin queries + confidence-validated machine labels + audits; random, "
-        "least_margin, mean_entropy, lci, adaptive, mlm are single-stream baselines. Settings come "
+        "multi-label margin queries + confidence-validated machine labels + audits; mlm (its query "
+        "stream alone) and self_training (random queries + its machine stream) isolate the two streams; "
+        "random, least_margin, mean_entropy, lci, adaptive are single-stream baselines. Settings come "
         "from the defaults, then --config FILE.yaml (keys = the settings' names), then the flags.",
     )
     p.add_argument("--data", required=True, metavar="URI", help="data set written by `sonoray ingest`")
@@ -59,7 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None, metavar="CKPT", help="backbone checkpoint URI (default: random init)")
     p.add_argument("--noise", type=float, default=None, help="annotator error: per-label flip rate (0)")
     p.add_argument("--cost-unit", choices=["frame", "video"], default=None, help="what one label costs (frame)")
+    p.add_argument("--query-unit", choices=["frame", "video"], default=None,
+                   help="frame: single frames, one per video a round (default); video: whole videos at "
+                   "one video's cost (needs --cost-unit video)")
     p.add_argument("--confidence", type=float, default=None, help="TSAL machine-label confidence threshold (0.9)")
+    p.add_argument("--max-machine-per-round", default=None, metavar="N|budget|none",
+                   help="new machine labels a round at most (budget: as many as the round's human queries)")
     p.add_argument("--audit", type=float, default=None, help="share of machine labels the oracle audits (0.1)")
     p.add_argument("--audit-cost", type=float, default=None, help="cost of one audit (0.5)")
     p.add_argument("--correlation-weight", type=float, default=None, help="MLM label-correlation weight (0.5)")
@@ -173,9 +180,10 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def report_json(report: dict) -> dict:
+    from ultrasound.al_report import strategy_entries
+
     return {"experiments": report["experiments"], "rounds": report["rounds"], "report": report["report_uri"],
-            "strategies": {name: {"aulc": s["aulc"], "final_map": s["final_map"]}
-                           for name, s in report["summary"]["strategies"].items()}}
+            "strategies": strategy_entries(report["summary"])}
 
 
 def demo_stage(data_uri: str, work_uri: str, *, strategies: tuple[str, ...] = ("tsal", "random", "least_margin"),

@@ -25,8 +25,8 @@ _KINDS = {"int": int, "float": float, "bool": bool}
 
 def coerce_value(name: str, annotation: Any, value: Any, what: str) -> Any:
     """``value`` converted to the field type ``annotation`` (as a class or, with postponed
-    annotations, its name; ``int | None`` converts like ``int`` and lets None pass); other types
-    pass unchanged."""
+    annotations, its name; ``int | None`` converts like ``int`` and lets None pass, ``int | str``
+    keeps a word that is not a number); other types pass unchanged."""
     names = [part.strip() for part in str(getattr(annotation, "__name__", annotation)).split("|")]
     if value is None and "None" in names:
         return None
@@ -48,6 +48,8 @@ def coerce_value(name: str, annotation: Any, value: Any, what: str) -> Any:
                 raise ValueError
             return float(value)
     except (TypeError, ValueError):
+        if "str" in names:  # ``int | str``: a word is a valid value of its own
+            return value
         article = "an" if kind.__name__[0] in "aeiou" else "a"
         raise ValueError(f"{what} config key {name!r} needs {article} {kind.__name__}, got {value!r}") from None
     return value

@@ -305,3 +305,23 @@ def test_a_corrupt_round_file_is_recomputed_on_rerun_not_trusted(ray_cluster, st
     assert not again.failed
     assert again.rounds == 2 + 4  # rounds 2-3 of the first victim, all 4 of the second
     assert snapshot(storage, out_uri) == before
+
+
+def test_positive_weights_count_only_the_human_labels():
+    from cluster.simulate import human_positive_weights
+
+    labels = np.array([[1], [0], [0], [0], [1], [1], [1], [1]], np.uint8)
+    verified = np.array([True] * 4 + [False] * 4)  # a flood of positive machine labels
+    assert human_positive_weights(labels, verified).tolist() == [3.0]  # 3 negatives / 1 positive
+    assert human_positive_weights(labels, None) == "auto"
+
+
+def test_machine_cap_defaults_to_the_round_budget():
+    config = SimulationConfig()
+    assert config.confidence_config(7).max_per_round == 7
+    assert SimulationConfig.from_mapping({"max_machine_per_round": "none"}).confidence_config(7).max_per_round is None
+    assert SimulationConfig.from_mapping({"max_machine_per_round": "12"}).confidence_config(7).max_per_round == 12
+    with pytest.raises(ValueError, match="max_machine_per_round"):
+        SimulationConfig.from_mapping({"max_machine_per_round": "lots"})
+    # the machine stream alone, and the query stream alone, are arms of their own
+    assert config.strategy("self_training").name == "random" and config.strategy("mlm").name == "mlm"

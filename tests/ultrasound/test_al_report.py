@@ -63,11 +63,17 @@ def test_summary_matches_hand_computed_values(hand_rows):
     b1 = (0.15 * 0.5 + 0.05 * (0.6 + 0.6 + 0.1 / 3) / 2) / 0.2
     assert tsal["aulc"] == pytest.approx((b0 + b1) / 2)
     assert tsal["aulc_std"] == pytest.approx(abs(b0 - b1) / math.sqrt(2))
-    # 95% of 0.8 = 0.76: random reaches it at 0.3 (seed 0) and 0.2 (seed 1); tsal only seed 0 at 0.25
-    assert random["labels_to_target"] == {"reached": 2, "of": 2, "fraction": pytest.approx(0.25),
+    # 95% of 0.8 = 0.76: random reaches it at 0.3 (seed 0) and 0.2 (seed 1); tsal only seed 0 at 0.25,
+    # seed 1 is censored at its final budget 0.4 (cost 40): the mean over both seeds is a lower bound
+    assert random["labels_to_target"] == {"reached": 2, "of": 2, "censored": 0, "fraction": pytest.approx(0.25),
                                           "cost": pytest.approx(25.0)}
-    assert tsal["labels_to_target"] == {"reached": 1, "of": 2, "fraction": pytest.approx(0.25),
-                                        "cost": pytest.approx(25.0)}
+    assert tsal["labels_to_target"] == {"reached": 1, "of": 2, "censored": 1, "fraction": pytest.approx(0.325),
+                                        "cost": pytest.approx(32.5)}
+    # paired by seed: (b0 - 0.675, b1 - 0.75); seed 0 above random, seed 1 below
+    assert tsal["vs_random"]["mean"] == pytest.approx(((b0 - 0.675) + (b1 - 0.75)) / 2)
+    assert (tsal["vs_random"]["wins"], tsal["vs_random"]["losses"]) == (1, 1)
+    assert random["vs_random"] is None
+    assert tsal["machine_precision"] == pytest.approx(24 / 30)
     assert tsal["machine"] == {"accepted_mean": 15.0, "precision": pytest.approx(24 / 30), "audited": 6,
                                "audit_agreement": pytest.approx(5 / 6)}
     assert random["machine"]["precision"] is None and random["machine"]["accepted_mean"] == 0
@@ -78,13 +84,58 @@ def test_summary_matches_hand_computed_values(hand_rows):
     assert tsal["final_fraction"] == pytest.approx(0.4) and random["full_map"] == pytest.approx(0.8)
 
 
-def test_band_is_the_t_interval_of_the_mean():
-    mean, half = band(np.array([[0.6, 1.0], [0.8, 1.0]]))
-    assert mean.tolist() == pytest.approx([0.7, 1.0])
-    # t(0.975, 1) = 12.7062, sd = 0.1414, sqrt(2) = 1.4142
-    assert half[0] == pytest.approx(12.7062 * 0.141421 / 1.414214, rel=1e-4)
-    assert half[1] == 0.0
-    assert band(np.array([[0.5, 0.7]]))[1].tolist() == [0.0, 0.0]
+def test_band_is_the_bootstrap_percentile_interval_of_the_seed_mean():
+    values = np.array([[0.6, 1.0, 0.2], [0.8, 1.0, 0.3], [0.7, 0.9, 0.9]])
+    mean, low, high = band(values, n_boot=500, seed=3)
+    # slow reference: one resample of the seeds at a time, the same draws
+    rng = np.random.default_rng(3)
+    draws = rng.integers(0, 3, size=(500, 3))
+    means = np.array([[values[row, r].mean() for r in range(3)] for row in draws])
+    assert mean.tolist() == pytest.approx(values.mean(axis=0).tolist())
+    assert low.tolist() == pytest.approx(np.quantile(means, 0.025, axis=0).tolist())
+    assert high.tolist() == pytest.approx(np.quantile(means, 0.975, axis=0).tolist())
+    single = band(np.array([[0.5, 0.7]]))
+    assert single[1].tolist() == single[2].tolist() == [0.5, 0.7]
+
+
+def test_bands_never_leave_the_metric_range():
+    # two seeds far apart near the top: a t-interval would span about 0.1 to 3.3 here
+    values = np.array([[0.95, 0.2, 1.0], [0.30, 0.9, 0.0]])
+    _, low, high = band(values)
+    assert (low >= 0).all() and (high <= 1).all() and (low <= values.mean(axis=0)).all()
+    _, low, high = band(values - values[::-1], low=-1.0, high=1.0)
+    assert (low >= -1).all() and (high <= 1).all()
+
+
+def _curve(maps, fractions=None):
+    from ultrasound.al_report import Curve
+
+    maps = np.asarray(maps, float)
+    fractions = np.asarray(fractions if fractions is not None else 0.1 * np.arange(1, maps.size + 1), float)
+    return Curve("e", "s", 0, "r", np.arange(maps.size), fractions, 100 * fractions, maps, maps)
+
+
+def test_labels_to_target_waits_for_a_lasting_crossing_and_censors_the_rest():
+    from ultrasound.al_report import first_reaching, labels_to_target
+
+    noisy = _curve([0.5, 0.8, 0.6, 0.79, 0.81])  # 0.8 at 0.2 falls back: it lasts from 0.4
+    assert first_reaching(noisy, 0.76) == pytest.approx((0.4, 40.0))
+    assert first_reaching(_curve([0.5, 0.8, 0.7]), 0.76) is None  # below at the end: never
+    assert first_reaching(_curve([0.9, 0.9]), 0.76) == pytest.approx((0.1, 10.0))
+    never = _curve([0.3, 0.4, 0.5, 0.6, 0.7])
+    out = labels_to_target([noisy, never], [0.76, 0.76])
+    # the censored seed counts at its final budget (0.5), not dropped: (0.4 + 0.5) / 2
+    assert out == {"reached": 1, "of": 2, "censored": 1, "fraction": pytest.approx(0.45),
+                   "cost": pytest.approx(45.0)}
+    assert labels_to_target([never], [float("nan")])["censored"] == 1
+
+
+def test_difference_curves_pair_seeds_against_random(hand_rows):
+    diff = mean_curves(curves_from_rows(hand_rows), "map", baseline="random")
+    assert set(diff) == {"tsal"}
+    # seed 0: (0.5, 0.8, 0.9) - (0.5, 0.7, 0.8); seed 1: (0.4, 0.6, 0.7) - (0.6, 0.8, 0.8)
+    assert diff["tsal"]["mean"].tolist() == pytest.approx([-0.1, -0.05, 0.0])
+    assert (diff["tsal"]["low"] <= diff["tsal"]["mean"] + 1e-12).all()
 
 
 def test_mean_curves_average_over_seeds(hand_rows):
@@ -108,7 +159,8 @@ def test_markdown_table_ranks_by_aulc_and_shows_the_numbers(hand_rows):
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     assert lines[1].startswith("| random | 2 | 0.7125 ± 0.0530")
     assert lines[2].startswith("| tsal | 2 |")
-    assert "0.250 (1/2)" in lines[2] and "15.0 | 0.800 | 0.833" in lines[2]
+    assert ">=0.325 (1/2)" in lines[2] and "15.0 | 0.800 | 0.833" in lines[2]
+    assert "| -0.1021 [" in lines[2]  # the paired AULC difference to random
 
 
 def test_png_is_written(hand_rows):

@@ -160,3 +160,74 @@ def test_a_resumed_loop_ends_where_an_uninterrupted_one_does():
     assert resumed == straight
     assert straight.last_round == 3 and len(straight.machine_indices()) > 0
     assert straight.round_summary(3)["oracle"] == 4
+
+
+def test_machine_labels_per_round_never_exceed_the_cap_and_are_the_most_confident():
+    truth, state, unlabelled, probs = setup()
+    uncapped = plan_for(state, unlabelled, probs, audit=0.0)
+    assert uncapped.machine_indices.size > 4
+    capped = plan_for(state, unlabelled, probs, ConfidenceConfig(max_per_round=4), audit=0.0)
+    assert capped.machine_indices.size == 4
+    assert set(capped.machine_indices) <= set(uncapped.machine_indices)
+    position = {int(i): p for p, i in enumerate(unlabelled)}
+    margin = {int(i): np.abs(probs[position[int(i)]] - 0.5).min() for i in uncapped.machine_indices}
+    kept = sorted(margin[int(i)] for i in capped.machine_indices)
+    dropped = [margin[int(i)] for i in set(uncapped.machine_indices.tolist()) - set(capped.machine_indices.tolist())]
+    assert min(kept) >= max(dropped)
+
+
+def test_a_machine_label_that_stops_being_confident_is_revoked_and_returns_to_the_pool():
+    truth, state, unlabelled, probs = setup()
+    plan = plan_for(state, unlabelled, probs, audit=0.0)
+    state = apply_answers(state, plan, truth[plan.queries])
+    held = state.unverified_indices()
+    assert held.tolist() == plan.machine_indices.tolist() and held.size >= 3
+    labels = state.labels_of(held).astype(float)
+    still = np.where(labels == 1, 0.97, 0.03)
+    still[0] = 0.6  # no longer confident
+    still[1] = 1.0 - still[1]  # confident, but now the opposite labels
+    unlabelled = state.unlabelled_indices(POOL)
+    rng = np.random.default_rng(5)
+    rest = rng.uniform(0.3, 0.7, size=(unlabelled.size, L))  # nothing new is confident
+    ctx = StrategyContext(state.labels_of(state.verified_indices()), np.random.default_rng(0))
+    plan2 = tsal_round(rest, unlabelled, state, 3, make_strategy("random"), ctx,
+                       ConfidenceConfig(min_dependence=1.0), 0.0, rng, probs_machine=still)
+    assert plan2.revoked.tolist() == sorted(held[:2].tolist())
+    after = apply_answers(state, plan2, truth[plan2.queries])
+    assert set(held[:2]) & set(after.labelled_indices()) == set()
+    assert set(held[2:]) <= set(after.unverified_indices())
+    assert set(held[:2]) <= set(after.unlabelled_indices(POOL))
+    # a human label is never revoked
+    with pytest.raises(ValueError, match="only unaudited machine labels"):
+        state.without([0])
+
+
+def test_no_two_frames_of_one_video_are_queried_in_one_round():
+    truth, state, unlabelled, probs = setup()
+    groups = unlabelled // 4  # 4 consecutive frames per video: 8 videos among the unlabelled
+    for strategy in ("mlm", "least_margin", "random"):
+        ctx = StrategyContext(state.labels_of(state.verified_indices()), np.random.default_rng(2))
+        plan = tsal_round(probs, unlabelled, state, 6, make_strategy(strategy), ctx, None, 0.0,
+                          np.random.default_rng(3), groups=groups)
+        videos = plan.queries // 4
+        assert plan.queries.size == 6 and np.unique(videos).size == 6, strategy
+    # more queries than videos: every video once before any video twice
+    ctx = StrategyContext(state.labels_of(state.verified_indices()), np.random.default_rng(2))
+    plan = tsal_round(probs, unlabelled, state, 10, make_strategy("mlm"), ctx, None, 0.0,
+                      np.random.default_rng(3), groups=groups)
+    counts = np.bincount(plan.queries[:8] // 4 - 2)
+    assert (counts == 1).all()
+
+
+def test_video_query_unit_asks_for_every_frame_of_the_best_videos():
+    truth, state, unlabelled, probs = setup()
+    groups = unlabelled // 4
+    ctx = StrategyContext(state.labels_of(state.verified_indices()), np.random.default_rng(2))
+    strategy = make_strategy("least_margin")
+    plan = tsal_round(probs, unlabelled, state, 2, strategy, ctx, None, 0.0, np.random.default_rng(3),
+                      groups=groups, whole_groups=True)
+    scores = strategy.score(probs, ctx)
+    video_mean = {g: scores[groups == g].mean() for g in np.unique(groups)}
+    best = sorted(video_mean, key=lambda g: -video_mean[g])[:2]
+    assert sorted(plan.queries.tolist()) == sorted(unlabelled[np.isin(groups, best)].tolist())
+    assert set(plan.queries[:4] // 4) == {best[0]}  # the best video's frames first

@@ -11,6 +11,7 @@ from ultrasound.active.strategies import (
     Strategy,
     StrategyContext,
     make_strategy,
+    select_spread,
     select_top,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "make_strategy",
     "predict_head",
     "round_rng",
+    "select_spread",
     "select_top",
     "train_head",
     "tsal_round",

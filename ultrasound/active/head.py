@@ -95,7 +95,7 @@ def train_head(
         w = np.asarray(sample_weight, dtype=np.float32).ravel()
         if w.shape[0] != n or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"sample_weight must be (N,)=({n},), finite, >= 0, with a positive sum")
-    pw = _positive_weights(pos_weight, y, max_pos_weight)
+    pw = positive_weights(pos_weight, y, max_pos_weight)
     if blas_threads is not None and blas_threads < 1:
         raise ValueError(f"blas_threads must be >= 1 or None, got {blas_threads}")
     if l2 < 0 or max_iter < 1 or tol <= 0:
@@ -149,7 +149,8 @@ def predict_head(params: HeadParams, emb: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
 
 
-def _positive_weights(pos_weight: str | np.ndarray | None, y: np.ndarray, max_pos_weight: float) -> np.ndarray:
+def positive_weights(pos_weight: str | np.ndarray | None, y: np.ndarray, max_pos_weight: float = 50.0) -> np.ndarray:
+    """``(L,)`` BCE positive weights of :func:`train_head`'s ``pos_weight`` rule over labels ``(N, L)``."""
     num = y.shape[1]
     if pos_weight is None:
         return np.ones(num, dtype=np.float32)

@@ -5,8 +5,15 @@ TSAL's two streams (docs/tsal.md):
 1. the query stream: the strategy scores the unlabelled pool, the top ``budget_k`` go to the
    oracle;
 2. the machine stream: among the remaining unlabelled samples, confidence validation accepts
-   confident, co-occurrence-consistent machine labels; a share ``audit_fraction`` of them,
-   drawn at random, is shown to the oracle to confirm or correct (human-machine interaction).
+   confident, co-occurrence-consistent machine labels, at most ``max_per_round`` a round (the
+   most confident); a share ``audit_fraction`` of them, drawn at random, is shown to the oracle
+   to confirm or correct (human-machine interaction). Machine labels nobody audited are
+   validated again every round against the current model: one that is no longer confident,
+   breaks a rule of the grown labelled set, or would now be a different label vector is revoked
+   (the sample returns to the pool).
+
+Queries are video-aware when the caller passes each sample's video (``groups``): at most one
+frame per video a round while unqueried videos remain (:func:`select_spread`).
 
 :func:`tsal_round` returns a :class:`RoundPlan` (nothing is labelled yet); the caller asks the
 oracle (a Ray actor in the simulator) for the queries and the audits, then
@@ -16,13 +23,13 @@ oracle (a Ray actor in the simulator) for the queries and the audits, then
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ultrasound.active.confidence import ConfidenceConfig, confidence_validate
 from ultrasound.active.state import ALState, LabelRecord, per_sample_values
-from ultrasound.active.strategies import Strategy, StrategyContext, check_probs, select_top
+from ultrasound.active.strategies import Strategy, StrategyContext, check_probs, select_spread, select_top
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,6 +44,8 @@ class RoundPlan:
         machine_labels: ``(m, L)`` uint8 the machine labels, row-aligned with machine_indices.
         audits: ``(a,)`` the subset of machine_indices the oracle checks, sorted.
         rejected_inconsistent: how many confident candidates broke a co-occurrence rule.
+        revoked: ``(r,)`` earlier unaudited machine labels that failed this round's validation,
+            sorted: they leave the labelled set and return to the pool.
     """
 
     round: int
@@ -46,6 +55,7 @@ class RoundPlan:
     machine_labels: np.ndarray
     audits: np.ndarray
     rejected_inconsistent: int = 0
+    revoked: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def machine_labels_of(self, indices: np.ndarray) -> np.ndarray:
         """``(a,)`` pool indices from machine_indices -> ``(a, L)`` their machine labels."""
@@ -74,6 +84,10 @@ def tsal_round(
     confidence: ConfidenceConfig | None,
     audit_fraction: float,
     rng: np.random.Generator,
+    *,
+    groups: np.ndarray | None = None,
+    probs_machine: np.ndarray | None = None,
+    whole_groups: bool = False,
 ) -> RoundPlan:
     """Plan one round.
 
@@ -89,6 +103,14 @@ def tsal_round(
         audit_fraction: share in [0, 1] of accepted machine labels the oracle audits
             (``ceil(fraction * m)``, drawn uniformly with ``rng``).
         rng: tie-breaking, the machine cap and audit draws.
+        groups: ``(U,)`` the video of each unlabelled sample; queries then take at most one
+            frame per video while unqueried videos remain (``None``: frames are independent).
+        probs_machine: ``(M, L)`` current probabilities of ``state.unverified_indices()`` (the
+            unaudited machine labels, in that order), re-validated when the machine stream is
+            on; ``None`` keeps them all.
+        whole_groups: the query unit is the video: ``budget_k`` counts videos, a video scores
+            the mean of its unlabelled frames' scores, and every unlabelled frame of a picked
+            video is queried (the oracle then charges one video).
     """
     probs = check_probs(probs_unlabelled)
     unlabelled_idx = np.asarray(unlabelled_idx, dtype=np.int64).ravel()
@@ -106,12 +128,17 @@ def tsal_round(
     if not 0.0 <= audit_fraction <= 1.0:
         raise ValueError(f"audit_fraction must be in [0, 1], got {audit_fraction}")
 
+    if whole_groups and groups is None:
+        raise ValueError("whole_groups needs groups (the video of each sample)")
     k = min(int(budget_k), probs.shape[0])
     if k > 0:
         scores = np.asarray(strategy.score(probs, context), dtype=np.float64)
         if scores.shape != (probs.shape[0],):
             raise ValueError(f"strategy {strategy.name!r} returned shape {scores.shape}, expected ({probs.shape[0]},)")
-        picked = select_top(scores, k, rng)
+        if whole_groups:
+            picked = _pick_groups(scores, k, _aligned(groups, probs.shape[0]), rng)
+        else:
+            picked = select_spread(scores, k, None if groups is None else _aligned(groups, probs.shape[0]), rng)
     else:
         scores, picked = np.zeros(0), np.zeros(0, dtype=np.int64)
     queries = unlabelled_idx[picked]
@@ -121,6 +148,9 @@ def tsal_round(
     machine_labels = np.zeros((0, state.num_labels), dtype=np.uint8)
     audits = np.zeros(0, dtype=np.int64)
     rejected = 0
+    revoked = np.zeros(0, dtype=np.int64)
+    if confidence is not None and probs_machine is not None:
+        revoked = _revalidate(state, probs_machine, context, confidence)
     if confidence is not None:
         rest = np.ones(probs.shape[0], dtype=bool)
         rest[picked] = False
@@ -146,7 +176,43 @@ def tsal_round(
         machine_labels=machine_labels.astype(np.uint8),
         audits=audits.astype(np.int64),
         rejected_inconsistent=rejected,
+        revoked=revoked,
     )
+
+
+def _pick_groups(scores: np.ndarray, k: int, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Positions of every sample of the ``k`` groups with the highest mean score, best group
+    first (within a group, best sample first)."""
+    names, code = np.unique(groups, return_inverse=True)
+    mean = np.bincount(code, weights=scores, minlength=names.size) / np.bincount(code, minlength=names.size)
+    best = select_top(mean, min(k, names.size), rng)
+    rank = np.full(names.size, names.size, dtype=np.int64)
+    rank[best] = np.arange(best.size)
+    chosen = np.flatnonzero(rank[code] < names.size)
+    return chosen[np.lexsort((-scores[chosen], rank[code[chosen]]))].astype(np.int64)
+
+
+def _aligned(groups: np.ndarray, n: int) -> np.ndarray:
+    groups = np.asarray(groups).ravel()
+    if groups.shape[0] != n:
+        raise ValueError(f"groups has {groups.shape[0]} entries, probs {n} rows")
+    return groups
+
+
+def _revalidate(state: ALState, probs_machine: np.ndarray, context: StrategyContext,
+                confidence: ConfidenceConfig) -> np.ndarray:
+    """Sorted pool indices of the unaudited machine labels that this round's validation rejects
+    or would label differently."""
+    held = state.unverified_indices()
+    probs = check_probs(probs_machine)
+    if probs.shape != (held.size, state.num_labels):
+        raise ValueError(f"probs_machine must be ({held.size}, {state.num_labels}) for the unaudited machine "
+                         f"labels, got {probs.shape}")
+    if held.size == 0:
+        return held
+    check = confidence_validate(probs, context.labelled_labels, confidence)
+    changed = (check.labels != state.labels_of(held)).any(axis=1)
+    return held[~check.accepted | changed]
 
 
 def apply_answers(
@@ -185,6 +251,7 @@ def apply_answers(
         raise ValueError("a sample is both queried and machine-labelled")
     if np.setdiff1d(plan.audits, plan.machine_indices).size:
         raise ValueError("audits must be a subset of the machine-labelled samples")
+    state = state.without(plan.revoked)
 
     records = [LabelRecord(int(i), plan.round, "oracle", c, tuple(y))
                for i, y, c in zip(plan.queries, oracle_labels, query_costs)]

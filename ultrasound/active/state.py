@@ -160,6 +160,10 @@ class ALState:
         """Samples whose labels a human gave or confirmed, sorted."""
         return self._indices(lambda r: r.verified)
 
+    def unverified_indices(self) -> np.ndarray:
+        """Machine labels no human has seen (unaudited), sorted: the ones re-validated every round."""
+        return self._indices(lambda r: not r.verified)
+
     def unlabelled_indices(self, pool_size: int) -> np.ndarray:
         """``0..pool_size-1`` minus the labelled samples."""
         if self._records and max(self._records) >= pool_size:
@@ -196,6 +200,17 @@ class ALState:
         costs = per_sample_values(costs, len(indices), "costs")
         new = [LabelRecord(int(i), round, source, c, tuple(y)) for i, y, c in zip(indices, labels, costs)]
         return ALState(self.num_labels, list(self._records.values()) + new)
+
+    def without(self, indices: Sequence[int] | np.ndarray) -> "ALState":
+        """A new state with these unaudited machine labels revoked (the samples are unlabelled
+        again). A human label is never revoked."""
+        drop = {int(i) for i in np.asarray(indices, dtype=np.int64).ravel()}
+        if not drop:
+            return self
+        bad = sorted(i for i in drop if i not in self._records or self._records[i].verified)
+        if bad:
+            raise ValueError(f"only unaudited machine labels can be revoked, not samples {bad[:5]}")
+        return ALState(self.num_labels, [r for i, r in self._records.items() if i not in drop])
 
     def with_records(self, records: Iterable[LabelRecord]) -> "ALState":
         """A new state with more records (each index must be new)."""

@@ -299,3 +299,37 @@ def select_top(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
     tiebreak = rng.random(scores.shape[0])
     order = np.lexsort((tiebreak, -scores))
     return order[:k].astype(np.int64)
+
+
+def select_spread(scores: np.ndarray, k: int, groups: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """:func:`select_top` with at most one sample per group (video) while unpicked groups remain.
+
+    A clinician labels a clip, not a frame: near-duplicate frames of one video carry one
+    video's information, so a round takes each group's best sample in score order first; only
+    when fewer than ``k`` groups are left does it take second-best samples, and so on.
+    ``groups=None`` is :func:`select_top`.
+
+    Shape: scores ``(N,)``, groups ``(N,)`` any hashable ids -> ``(k,)`` int64 positions.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> select_spread(np.array([0.9, 0.8, 0.7, 0.1]), 2, np.array([0, 0, 1, 1]), rng).tolist()
+        [0, 2]
+    """
+    order = select_top(scores, np.asarray(scores).shape[0], rng)  # every position, best first
+    if groups is None:
+        return order[:k]
+    groups = np.asarray(groups).ravel()
+    if groups.shape[0] != order.shape[0]:
+        raise ValueError(f"groups has {groups.shape[0]} entries, scores {order.shape[0]}")
+    if not 0 <= k <= order.shape[0]:
+        raise ValueError(f"k must be in [0, {order.shape[0]}], got {k}")
+    _, code = np.unique(groups[order], return_inverse=True)
+    by_group = np.argsort(code, kind="stable")  # positions in `order`, grouped, best first within
+    sorted_code = code[by_group]
+    starts = np.flatnonzero(np.r_[True, sorted_code[1:] != sorted_code[:-1]])
+    sizes = np.diff(np.r_[starts, sorted_code.size])
+    rank = np.empty(order.shape[0], dtype=np.int64)  # 0 = best of its group, 1 = second, ...
+    rank[by_group] = np.arange(order.shape[0]) - np.repeat(starts, sizes)
+    return order[np.lexsort((np.arange(order.shape[0]), rank))][:k].astype(np.int64)
+

@@ -1,0 +1,105 @@
+"""Simulator v2's fidelity rules, end to end on a hand-built embeddings table, in-process
+(``executor="serial"``: the same experiment code as the Ray path, no cluster needed).
+
+24 videos x 6 frames, 2 findings that the features reveal with noise, so the head becomes
+confident and the machine stream has something to accept."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cluster.embeddings import SampleTable
+from cluster.simulate import SimulationConfig, make_splits, simulate_table
+from cluster.storage import Storage, parse_uri
+
+VIDEOS, FRAMES = 24, 6
+
+
+def table() -> SampleTable:
+    rng = np.random.default_rng(0)
+    video_labels = np.array([[v % 2, (v // 2) % 2] for v in range(VIDEOS)], np.uint8)
+    labels = np.repeat(video_labels, FRAMES, axis=0)
+    centre = np.repeat(rng.normal(size=(VIDEOS, 8)), FRAMES, axis=0)  # frames of a video look alike
+    features = (centre + 0.3 * rng.normal(size=centre.shape)).astype(np.float32)
+    features[:, :2] += 3.0 * (labels.astype(np.float32) - 0.5)
+    video_id = np.repeat([f"v{v:02d}" for v in range(VIDEOS)], FRAMES)
+    return SampleTable(key="hand", findings=("a_lines", "b_lines"), video_id=video_id,
+                       patient_id=np.full(video_id.shape, "", dtype=object).astype(str),
+                       frame_index=np.tile(np.arange(FRAMES), VIDEOS).astype(np.int64), labels=labels,
+                       features=features)
+
+
+def rounds_of(out, exp_id: str, storage: Storage) -> list[tuple[list[dict], dict]]:
+    location = parse_uri(str(out)).join("experiments", exp_id)
+    names = sorted((n for n in storage.list_files(location) if n.startswith("round_")),
+                   key=lambda n: int(n[6:-8]))
+    found = []
+    for name in names:
+        t = storage.read_parquet(location.join(name))
+        found.append((t.to_pylist(), json.loads(t.schema.metadata[b"sonoray.round"])))
+    return found
+
+
+@pytest.fixture(scope="module")
+def frame_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim-fidelity")
+    config = SimulationConfig(strategies=("tsal", "self_training", "mlm", "random"), seeds=2, rounds=4,
+                              initial=0.1, per_round=0.08, confidence=0.8, audit=0.0)
+    result = simulate_table(table(), config, str(out), Storage(), executor="serial")
+    return out, config, result
+
+
+def test_frame_rounds_query_one_frame_per_video_and_cap_the_machine_stream(frame_run):
+    out, config, result = frame_run
+    assert not result.failed
+    storage = Storage()
+    video_of = table().video_id
+    machine_seen = 0
+    for exp_id in result.experiment_ids:
+        rounds = rounds_of(out, exp_id, storage)
+        assert len(rounds) == config.rounds + 1
+        for rows, meta in rounds[1:]:
+            queried = [video_of[row["global_index"]] for row in rows if row["source"] == "oracle"]
+            assert len(queried) == len(set(queried)) == meta["budget_per_round"]  # one frame per video
+            machine_new = [row for row in rows if row["source"] == "machine"]
+            assert len(machine_new) <= meta["budget_per_round"]  # the default cap: the human budget
+            machine_seen += len(machine_new)
+            if meta["strategy"] in ("mlm", "random"):
+                assert not machine_new and not meta["revoked"]
+    assert machine_seen > 0  # the machine stream ran
+    entries = result.as_json()["strategies"]
+    assert set(entries) == {"tsal", "self_training", "mlm", "random"}
+    for entry in entries.values():
+        assert {"aulc", "final_map", "machine_labels_per_round", "human_labels_per_round",
+                "machine_precision"} <= set(entry)
+    assert sum(entries["self_training"]["machine_labels_per_round"]) > 0
+    assert entries["mlm"]["machine_labels_per_round"] == [0.0] * (config.rounds + 1)
+
+
+def test_a_rerun_rebuilds_revocations_and_does_no_work(frame_run):
+    out, config, result = frame_run
+    again = simulate_table(table(), config, str(out), Storage(), executor="serial")
+    assert again.rounds == 0 and again.skipped == result.experiments
+
+
+def test_video_query_unit_labels_whole_videos_at_one_video_each(tmp_path):
+    config = SimulationConfig(strategies=("least_margin", "random"), seeds=1, rounds=3, initial=0.1,
+                              per_round=0.1, query_unit="video", cost_unit="video")
+    data = table()
+    result = simulate_table(data, config, str(tmp_path), Storage(), executor="serial")
+    assert not result.failed
+    split = make_splits(data, config)[0]
+    pool_videos = split.pool_videos
+    for exp_id in result.experiment_ids:
+        for r, (rows, meta) in enumerate(rounds_of(tmp_path, exp_id, Storage())):
+            videos = {data.video_id[row["global_index"]] for row in rows}
+            frames = sum(1 for row in rows)
+            assert len(videos) == max(1, round(0.1 * pool_videos)) and frames == len(videos) * FRAMES
+            assert meta["cost_round"] == pytest.approx(len(videos))  # one video's cost each
+
+
+def test_query_unit_video_needs_video_costs():
+    with pytest.raises(ValueError, match="cost_unit video"):
+        SimulationConfig(query_unit="video")
