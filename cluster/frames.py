@@ -30,6 +30,7 @@ import ray
 
 from cluster.cache import (
     CACHE_FOLDER,
+    SHARD_MEMO,
     CacheError,
     CacheLocation,
     Shard,
@@ -89,8 +90,8 @@ class StreamLog:
 
     def __init__(self) -> None:
         self._items: list[dict] = []
-        self._cache = {"hits": 0, "built": 0, "rebuilt": 0, "bytes_read": 0, "bytes_written": 0,
-                       "write_errors": 0}
+        self._cache = {"hits": 0, "kept": 0, "fetched": 0, "built": 0, "rebuilt": 0, "bytes_read": 0,
+                       "bytes_written": 0, "write_errors": 0}
         self._abort: str | None = None
 
     def record(self, key: str, reason: str) -> None:
@@ -104,6 +105,12 @@ class StreamLog:
         (calls from different processes to one actor are not ordered)."""
         self._cache[kind] += 1
         self._cache["bytes_read" if kind == "hits" else "bytes_written"] += int(nbytes)
+
+    def cache_counts(self, counts: dict) -> None:
+        """Hits of one batch: ``hits`` (= ``kept`` in the task's memory + ``fetched`` from
+        storage) and ``bytes_read``; awaited like :meth:`cache_event`."""
+        for key, value in counts.items():
+            self._cache[key] += int(value)
 
     def cache_stats(self) -> dict:
         return dict(self._cache)
@@ -122,29 +129,50 @@ def _video_rng(spec: StreamSpec, video_id: str) -> np.random.Generator:
     return np.random.default_rng([digest, spec.seed])
 
 
-def _fetch_shard(storage: Storage, location: Location) -> bytes | None:
-    """A shard's bytes, or None when there is none yet."""
+def _fetch_shard(storage: Storage, location: Location) -> tuple[str | None, bytes | Shard | None]:
+    """``(version, content)`` of a shard: the decoded copy this process kept when it is still the
+    stored version (one HEAD request), else the stored bytes; ``(None, None)`` when there is none."""
+    version = storage.version(location)
+    if version is None:
+        return None, None
+    kept = SHARD_MEMO.get(location.uri, version)
+    if kept is not None:
+        return version, kept
     try:
-        return storage.read_bytes(location)
+        return version, storage.read_bytes(location)
     except (OSError, RuntimeError):
         if not storage.exists(location):
-            return None
+            return None, None
         raise
 
 
-def _read_shard(storage: Storage, location: Location, sha256: str, log, fetched=None) -> Shard | None:
-    """The cached shard (``fetched``: its bytes, already read), or None when it is missing or
-    cannot be trusted (then it is rebuilt)."""
-    data = _fetch_shard(storage, location) if fetched is None else fetched()
+def _read_shard(storage: Storage, location: Location, sha256: str, log, fetched=None,
+                counts: dict | None = None) -> Shard | None:
+    """The cached shard (``fetched``: :func:`_fetch_shard`'s answer, already started), or None
+    when it is missing or cannot be trusted (then it is rebuilt). Hits are added to ``counts``
+    (sent to the log once per batch) or, without it, to the log at once."""
+    version, data = _fetch_shard(storage, location) if fetched is None else fetched()
     if data is None:
         return None
+    if isinstance(data, Shard):
+        _count_hit(log, counts, "kept", 0)
+        return data
     try:
         shard = decode_shard(data, sha256)
     except CacheError:
         ray.get(log.cache_event.remote("rebuilt"))
         return None
-    ray.get(log.cache_event.remote("hits", len(data)))
+    SHARD_MEMO.put(location.uri, version, shard, len(data))
+    _count_hit(log, counts, "fetched", len(data))
     return shard
+
+
+def _count_hit(log, counts: dict | None, how: str, nbytes: int) -> None:
+    if counts is None:
+        ray.get(log.cache_counts.remote({"hits": 1, how: 1, "bytes_read": nbytes}))
+        return
+    for key, value in (("hits", 1), (how, 1), ("bytes_read", nbytes)):
+        counts[key] = counts.get(key, 0) + value
 
 
 def _build_shard(storage: Storage, location: Location, meta: dict, frames: list, log) -> Shard:
@@ -160,7 +188,7 @@ def _build_shard(storage: Storage, location: Location, meta: dict, frames: list,
 
 
 def _video_frames(meta: dict, spec: StreamSpec, storage: Storage, root: Location, cache: CacheLocation | None,
-                  log, fetched=None):
+                  log, fetched=None, counts: dict | None = None):
     """The sampled ``(frame_index, timestamp, image)`` of one video: from its cache shard when
     there is one, else decoded from the object (and cached)."""
     key = str(meta["key"])
@@ -171,7 +199,7 @@ def _video_frames(meta: dict, spec: StreamSpec, storage: Storage, root: Location
     if cache is None:
         return decode_bytes(storage.read_bytes(root.join(key)), suffix, spec.sampling, spec.fmt, rng=rng, **decode)
     location = cache.shard(str(meta["sha256"]))
-    shard = _read_shard(storage, location, str(meta["sha256"]), log, fetched)
+    shard = _read_shard(storage, location, str(meta["sha256"]), log, fetched, counts)
     if shard is None:
         frames = list(decode_bytes(storage.read_bytes(root.join(key)), suffix, base_sampling(spec.sampling),
                                    spec.fmt, **decode))
@@ -195,6 +223,7 @@ def _decode_video_batches(batch: dict, *, spec: StreamSpec, storage_config: Stor
     root = parse_uri(root_uri)
     cache = CacheLocation(root.join(CACHE_FOLDER, cache_key), cache_key) if cache_key else None
     n = len(batch["video_id"])
+    counts: dict[str, int] = {}  # cache hits of this batch, sent to the log in one call
     prefetch = None
     if cache is not None and n > 1:
         pool = ThreadPoolExecutor(max_workers=min(n, SHARD_FETCHES))
@@ -206,13 +235,15 @@ def _decode_video_batches(batch: dict, *, spec: StreamSpec, storage_config: Stor
         labels = {name: meta[name] for name in _META_COLUMNS}
         try:
             frames = _video_frames(meta, spec, storage, root, cache, log,
-                                   prefetch[i].result if prefetch is not None else None)
+                                   prefetch[i].result if prefetch is not None else None, counts)
             if spec.mode == "clips":
                 yield _clip_batch(list(frames), labels, findings, spec.sampling.per_video)
             else:
                 yield from _frame_batches(frames, labels, findings)
         except (VideoError, CacheError, OSError, RuntimeError) as err:
             ray.get(log.record.remote(str(meta["key"]), str(err)))
+    if counts:  # awaited, so a pass's counts are complete when it ends
+        ray.get(log.cache_counts.remote(counts))
 
 
 def _frame_batches(frames, meta: dict, findings: np.ndarray):

@@ -49,10 +49,25 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
             num_gpus=num_gpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
+            _system_config=local_system_config(num_cpus),
             **common,
         )
     _quiet_data_progress()
     return _describe()
+
+
+def local_system_config(num_cpus: int | None) -> dict:
+    """Raylet settings of a local cluster: keep idle workers alive.
+
+    Ray keeps at most ``num_workers_soft_limit`` workers (default: one per CPU) and kills idle
+    ones above it within a second. A training run on a small machine holds more actors than CPUs
+    (train worker, controller, data coordinator, stream log, ...), so every frame-decoding task
+    got a freshly started Python process: measured on POCUS, 2 CPUs, a new worker every 5-8 s,
+    each spending seconds importing before it decoded anything, and the epoch's decoded shards
+    it kept lost with it. Keeping a few workers per CPU costs memory (about 0.3 GB each), not CPU.
+    """
+    cpus = num_cpus or os.cpu_count() or 1
+    return {"num_workers_soft_limit": max(8, 4 * int(cpus))}
 
 
 def _forward_ray_output_to_stderr() -> None:

@@ -199,17 +199,23 @@ class Storage:
         """The sha256 recorded for an object (S3 metadata) or computed (local file); None if
         the object does not exist."""
         if location.is_s3:
-            from botocore.exceptions import ClientError
-
-            try:
-                head = self.client().head_object(Bucket=location.bucket, Key=location.key)
-            except ClientError as err:
-                if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                    return None
-                raise self._wrap(err, location.uri) from err
-            return head.get("Metadata", {}).get("sha256") or ""
+            head = self._head(location)
+            return None if head is None else head.get("Metadata", {}).get("sha256") or ""
         path = Path(location.key)
         return file_sha256(path) if path.is_file() else None
+
+    def _head(self, location: Location) -> dict | None:
+        """An S3 object's HEAD response, or None when there is no object."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client().head_object(Bucket=location.bucket, Key=location.key)
+        except ClientError as err:
+            if str(err.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._wrap(err, location.uri) from err
+        except BotoCoreError as err:
+            raise self._wrap(err, location.uri) from err
 
     def upload_file(self, source: Path, location: Location, sha256: str) -> None:
         if location.is_s3:
@@ -288,6 +294,19 @@ class Storage:
             self.client().delete_object(Bucket=location.bucket, Key=location.key)
         except (BotoCoreError, ClientError, OSError) as err:
             raise self._wrap(err, f"deleting {location.uri}") from err
+
+    def version(self, location: Location) -> str | None:
+        """A token that changes whenever the object's content is replaced (S3: its ETag; local: size,
+        modification time in ns and inode), or None when there is no object. One HEAD request,
+        no body: what a reader checks before trusting a copy it kept from an earlier read."""
+        if location.is_s3:
+            head = self._head(location)
+            return None if head is None else f"etag:{head.get('ETag', '')}:{head.get('ContentLength', '')}"
+        try:
+            stat = os.stat(location.key)
+        except FileNotFoundError:
+            return None
+        return f"file:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
 
     def exists(self, location: Location) -> bool:
         info = self.filesystem(location).get_file_info(location.fs_path)

@@ -64,6 +64,15 @@ def test_cache_is_built_once_reused_and_equals_fresh_decoding(ray_cluster, phant
         assert shard_gets(state) == len(data.rows)
         assert second.cache_stats()["hits"] == len(data.rows)
 
+        # a later pass: the decode workers kept the shards they parsed; one HEAD each, no GET
+        state.gets.clear()
+        third = frame_stream(data, StreamSpec(fmt=FMT))
+        kept = frames_by_key(third)
+        stats = third.cache_stats()
+        assert stats["hits"] == stats["kept"] + stats["fetched"] == len(data.rows)
+        assert stats["kept"] > 0 and shard_gets(state) == stats["fetched"]
+        assert kept.keys() == cached.keys() and all(np.array_equal(kept[k], cached[k]) for k in kept)
+
     assert fresh.keys() == built.keys() == cached.keys()
     assert sum(r["frame_count"] for r in data.rows) == len(fresh)
     for key, image in fresh.items():  # bit for bit
@@ -204,3 +213,22 @@ def test_a_deleted_video_is_named_in_pretrain_and_msml_results(ray_cluster, phan
         assert result["skipped_videos_per_epoch"] == [1]
     else:  # the deleted video fell in the validation split, which must decode whole
         assert code == 1
+
+
+def test_shard_memo_keeps_the_stored_version_only_and_stays_in_its_bound():
+    from cluster.cache import Shard, ShardMemo
+
+    def shard(value):
+        return Shard(np.arange(2), np.zeros(2), np.full((2, 4, 4, 1), value, np.uint8))
+
+    memo = ShardMemo(max_bytes=250)
+    memo.put("s3://b/a", "v1", shard(1), 100)
+    assert memo.get("s3://b/a", "v1").images[0, 0, 0, 0] == 1
+    assert memo.get("s3://b/a", "v2") is None  # the object was replaced: fetch and check it again
+    memo.put("s3://b/b", "v1", shard(2), 100)
+    memo.get("s3://b/a", "v1")  # a is now the most recently used
+    memo.put("s3://b/c", "v1", shard(3), 100)  # 300 > 250: the least recently used (b) goes
+    assert memo.get("s3://b/b", "v1") is None and memo.get("s3://b/a", "v1") is not None and len(memo) == 2
+    memo.put("s3://b/big", "v1", shard(4), 1000)  # larger than the bound: never kept
+    assert memo.get("s3://b/big", "v1") is None
+    assert ShardMemo(0).get("x", "v") is None

@@ -5,6 +5,7 @@
 confident and the machine stream has something to accept."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -103,3 +104,33 @@ def test_video_query_unit_labels_whole_videos_at_one_video_each(tmp_path):
 def test_query_unit_video_needs_video_costs():
     with pytest.raises(ValueError, match="cost_unit video"):
         SimulationConfig(query_unit="video")
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstFinding:
+    """A strategy defined here, not in sonoray: most uncertain on the first finding only."""
+
+    name: str = dataclasses.field(default="first_finding", init=False)
+    sharpness: float = 1.0
+
+    def score(self, probs, context):
+        return -self.sharpness * np.abs(np.asarray(probs)[:, 0] - 0.5)
+
+
+def test_a_strategy_registered_here_runs_end_to_end_with_its_parameters_in_the_id(tmp_path):
+    from cluster.simulate import plan_experiments, register_strategy
+
+    register_strategy(FirstFinding, sharpness=2.0)
+    with pytest.raises(ValueError, match="no parameter"):
+        register_strategy(FirstFinding, steepness=2.0)  # parameters are validated at registration
+    register_strategy(FirstFinding, sharpness=2.0)
+    config = SimulationConfig(strategies=("first_finding", "random"), seeds=1, rounds=2, initial=0.1, per_round=0.1)
+    data = table()
+    result = simulate_table(data, config, str(tmp_path), Storage(), executor="serial")
+    assert not result.failed and result.rounds == 2 * (config.rounds + 1)
+    assert "first_finding" in result.as_json()["strategies"]
+    spec = next(s for s in plan_experiments(data, config) if s.strategy == "first_finding")
+    assert spec.settings["strategy_params"] == {"sharpness": 2.0}
+    register_strategy(FirstFinding, sharpness=3.0)
+    other = next(s for s in plan_experiments(data, config) if s.strategy == "first_finding")
+    assert other.experiment_id != spec.experiment_id  # its parameters are part of the id
