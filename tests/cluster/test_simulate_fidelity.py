@@ -134,3 +134,29 @@ def test_a_strategy_registered_here_runs_end_to_end_with_its_parameters_in_the_i
     register_strategy(FirstFinding, sharpness=3.0)
     other = next(s for s in plan_experiments(data, config) if s.strategy == "first_finding")
     assert other.experiment_id != spec.experiment_id  # its parameters are part of the id
+
+
+def test_an_extended_run_resumes_to_the_rounds_of_an_uninterrupted_one(tmp_path):
+    """Rounds 0-2 stored, then the run asked for 5: the restored state (revocations included)
+    must continue exactly where a run of 5 from scratch goes."""
+    config = SimulationConfig(strategies=("tsal", "self_training"), seeds=1, rounds=5, initial=0.1,
+                              per_round=0.08, confidence=0.75, audit=0.2)
+    data = table()
+    short = dataclasses.replace(config, rounds=2)
+    simulate_table(data, short, str(tmp_path / "resumed"), Storage(), executor="serial", report=False)
+    resumed = simulate_table(data, config, str(tmp_path / "resumed"), Storage(), executor="serial")
+    fresh = simulate_table(data, config, str(tmp_path / "fresh"), Storage(), executor="serial")
+    assert resumed.resumed_rounds == 2 * 3 and resumed.rounds == 2 * 3
+    timing = {"fit_seconds", "round_seconds", "rounds_target"}  # the target was 2 for the first rounds
+    revoked = 0
+    for exp_id in fresh.experiment_ids:
+        a = rounds_of(tmp_path / "resumed", exp_id, Storage())
+        b = rounds_of(tmp_path / "fresh", exp_id, Storage())
+        assert len(a) == len(b) == config.rounds + 1
+        for (rows_a, meta_a), (rows_b, meta_b) in zip(a, b):
+            assert rows_a == rows_b
+            assert {k: v for k, v in meta_a.items() if k not in timing} == \
+                {k: v for k, v in meta_b.items() if k not in timing}
+            revoked += meta_b["machine_revoked"]
+    assert fresh.as_json()["strategies"]["tsal"]["machine_precision"] is not None
+    assert revoked > 0  # the resumed rounds had machine labels to take back

@@ -20,6 +20,7 @@ the machine labels each round revoked), restores the oracle's ledger from them, 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -149,6 +150,35 @@ def make_splits(groups: np.ndarray, video_id: np.ndarray, labels: np.ndarray,
     return splits
 
 
+@dataclass(frozen=True)
+class Budget:
+    """One experiment's labelling budget. ``initial`` and ``per_round`` count the query unit
+    (frames, or videos with ``query_unit: video``); ``machine_cap`` caps a round's new machine
+    labels (frames; None: no cap); ``cost_scale`` is the cost of labelling the whole pool."""
+
+    initial: int
+    per_round: int
+    machine_cap: int | None
+    cost_scale: float
+    by_video: bool
+
+
+def budget_of(config: SimulationConfig, split: Split) -> Budget:
+    pool = split.train.size
+    by_video = config.query_unit == "video"
+    if by_video and split.pool_groups is None:
+        raise ValueError("query_unit video needs the video of every pool sample (Split.pool_groups)")
+    units = split.pool_videos if by_video else pool  # what the budget shares count
+    per_round = max(1, int(round(config.per_round * units)))
+    frames_per_unit = pool / units if by_video else 1.0
+    return Budget(initial=min(units, max(1, int(round(config.initial * units)))), per_round=per_round,
+                  machine_cap=config.confidence_config(int(round(per_round * frames_per_unit))).max_per_round,
+                  cost_scale=float(split.pool_videos if config.cost_unit == "video" else pool), by_video=by_video)
+
+
+_TOTALS = ("machine_accepted_total", "machine_vectors_correct", "machine_labels_correct", "machine_labels_total")
+
+
 def run_experiment(
     spec: ExperimentSpec,
     config: SimulationConfig,
@@ -167,107 +197,48 @@ def run_experiment(
     Shape: ``features`` ``(N, D)`` embeddings or ``(N, S, S, C)`` frames of every sample;
     ``split.train`` / ``split.test`` index them. ``after_round(r)`` runs once round r is stored.
     """
-    pool = split.train
-    num_labels = len(findings)
-    asker = spec.experiment_id
-    cost_scale = float(split.pool_videos if config.cost_unit == "video" else pool.size)
-    by_video = config.query_unit == "video"
-    if by_video and split.pool_groups is None:
-        raise ValueError("query_unit video needs the video of every pool sample (Split.pool_groups)")
-    units = split.pool_videos if by_video else pool.size  # what the budget shares count
-    k_initial = min(units, max(1, int(round(config.initial * units))))
-    k_round = max(1, int(round(config.per_round * units)))
-    frames_per_unit = pool.size / units if by_video else 1.0
+    pool, asker = split.train, spec.experiment_id
+    budget = budget_of(config, split)
+    kind = config.kind(spec.strategy)
     strategy = config.strategy(spec.strategy)
-    machine_stream = config.kind(spec.strategy).machine_stream
-    confidence = config.confidence_config(int(round(k_round * frames_per_unit))) if machine_stream else None
-    audit_fraction = config.audit if machine_stream else 0.0
+    confidence = (dataclasses.replace(config.confidence_config(), max_per_round=budget.machine_cap)
+                  if kind.machine_stream else None)
+    audit_fraction = config.audit if kind.machine_stream else 0.0
     model = make_model(config, features, spec.seed, findings, init_backbone)
-
-    oracle.register(asker, pool, noise_key=spec.seed)
-    on_disk = store.completed()
-    done = on_disk
-    state, meta = None, None
-    if done:
-        by_index: dict[int, dict] = {}
-        for r in range(done):
-            try:
-                rows, meta = store.read(r)
-            except UnreadableRound:  # torn or corrupt: recompute it and every later round
-                done = on_disk = r
-                break
-            for index in meta.get("revoked", []):  # machine labels this round took back
-                by_index.pop(int(index), None)
-            by_index.update({int(row["index"]): row for row in rows})
-        records = list(by_index.values())
-    if done:
-        globals_ = {row["index"]: row["global_index"] for row in records}
-        state = ALState.from_records([{k: v for k, v in row.items() if k != "global_index"} for row in records],
-                                     num_labels=num_labels)
-        oracle.restore(asker, _answers_of(state, globals_))
     base = {"experiment_id": spec.experiment_id, "strategy": spec.strategy, "seed": spec.seed,
             "reference_id": spec.reference_id, "findings": list(findings), "settings": dict(spec.settings),
-            "pool_size": int(pool.size), "test_size": int(split.test.size), "cost_scale": cost_scale,
-            "budget_initial": k_initial, "budget_per_round": k_round}
-    computed = 0
-    fitted = None
-    total_keys = ("machine_accepted_total", "machine_vectors_correct", "machine_labels_correct", "machine_labels_total")
-    totals = {k: 0 if meta is None else int(meta.get(k, 0)) for k in total_keys}
+            "pool_size": int(pool.size), "test_size": int(split.test.size), "cost_scale": budget.cost_scale,
+            "budget_initial": budget.initial, "budget_per_round": budget.per_round, "rounds_target": spec.rounds}
 
-    def fit_and_write(r: int, state: ALState, started: float, plan: RoundPlan | None,
-                      grade: dict | None = None) -> dict:
-        nonlocal fitted, totals
-        if plan is not None and plan.machine_indices.size:
-            kept = [i for i in plan.machine_indices if i in state and state.record(i).source == "machine"
-                    and state.record(i).round == r]
-            if kept and len(kept) != plan.machine_indices.size:  # the audit gate dropped some: regrade
-                proposals = np.array([state.record(i).machine_labels for i in kept], dtype=np.uint8)
-                grade = oracle.grade(asker, pool[np.asarray(kept)], proposals)
-            if kept and grade is not None:
-                totals = {"machine_accepted_total": totals["machine_accepted_total"] + len(kept),
-                          "machine_vectors_correct": totals["machine_vectors_correct"] + grade["vectors_correct"],
-                          "machine_labels_correct": totals["machine_labels_correct"] + grade["labels_correct"],
-                          "machine_labels_total": totals["machine_labels_total"] + grade["labels_total"]}
+    oracle.register(asker, pool, noise_key=spec.seed)
+    state, meta, done = restore_rounds(store, len(findings))
+    resumed = done
+    if state is not None:
+        oracle.restore(asker, _answers_of(state, pool))
+    totals = {k: 0 if meta is None else int(meta.get(k, 0)) for k in _TOTALS}
+
+    def finish_round(r: int, state: ALState, plan: RoundPlan | None, grade: dict | None, started: float):
+        """Fit, evaluate and store round r; returns (fitted model, meta)."""
         fit_started = time.perf_counter()
         fitted = _fit(model, state, pool, config.machine_weight)
         fit_seconds = time.perf_counter() - fit_started
         metrics = round_metrics(split.test_labels, model.predict(fitted, split.test), list(findings))
-        summary = state.round_summary(r)
-        machine = [rec for rec in state.records if rec.source == "machine"]
-        meta = {**base, "round": r, "rounds_target": spec.rounds,
-                "labelled": len(state), "human": int(state.verified_indices().size),
-                "machine": len(machine), "machine_new": summary["machine"],
-                "audited": sum(rec.audit != "none" for rec in machine),
-                "audit_agreed": sum(rec.audit == "agreed" for rec in machine),
-                "queried_new": summary["oracle"], "cost_round": summary["cost"],
-                "cost_total": state.total_cost, "fraction": state.total_cost / cost_scale,
-                "human_fraction": state.verified_indices().size / pool.size,
-                **totals,
-                "map": metrics["map"], "macro_f1": metrics["macro_f1"], "micro_f1": metrics["micro_f1"],
-                "hamming_loss": metrics["hamming_loss"], "per_finding_ap": metrics["per_finding_ap"],
-                "excluded": metrics["excluded"],
-                "rejected_inconsistent": plan.rejected_inconsistent if plan is not None else 0,
-                "revoked": plan.revoked.tolist() if plan is not None else [],
-                "machine_revoked": int(plan.revoked.size) if plan is not None else 0,
+        meta = {**base, **round_counts(state, r, plan, budget.cost_scale, pool.size), **totals, **_metrics_of(metrics),
                 "fit_seconds": round(fit_seconds, 4), "round_seconds": round(time.perf_counter() - started, 4)}
-        new = [{**rec.to_dict(), "global_index": int(pool[rec.index])} for rec in state.records if rec.round == r]
-        store.write(r, new, meta)
+        store.write(r, [{**rec.to_dict(), "global_index": int(pool[rec.index])} for rec in state.records
+                        if rec.round == r], meta)
         after_round(r)
-        return meta
+        return fitted, meta
 
+    computed = 0
+    fitted = None
     if state is None:
         started = time.perf_counter()
-        rng = round_rng(spec.seed, 0)
-        if by_video:  # every frame of k_initial random videos
-            videos = rng.choice(split.pool_videos, size=k_initial, replace=False)
-            picks = np.flatnonzero(np.isin(split.pool_groups, videos)).astype(np.int64)
-        else:
-            picks = np.sort(rng.choice(pool.size, size=k_initial, replace=False)).astype(np.int64)
+        picks = _initial_picks(split, budget, round_rng(spec.seed, 0))
         labels, costs = oracle.query(asker, 0, pool[picks])
-        state = ALState(num_labels).with_labels(picks, labels, source="initial", round=0, costs=costs)
-        meta = fit_and_write(0, state, started, None)
-        computed += 1
-        done = 1
+        state = ALState(len(findings)).with_labels(picks, labels, source="initial", round=0, costs=costs)
+        fitted, meta = finish_round(0, state, None, None, started)
+        computed, done = 1, 1
     elif done <= spec.rounds:
         fitted = _fit(model, state, pool, config.machine_weight)
 
@@ -275,16 +246,15 @@ def run_experiment(
         started = time.perf_counter()
         rng = round_rng(spec.seed, r)
         unlabelled = state.unlabelled_indices(pool.size)
-        verified = state.verified_indices()
-        context = StrategyContext(labelled_labels=state.labels_of(verified), rng=rng)
-        plan = None
+        plan, grade = None, None
         if unlabelled.size:  # every round with a pool queries >= 1 sample, so it adds records
-            probs = model.predict(fitted, pool[unlabelled])
-            groups = split.pool_groups[unlabelled] if split.pool_groups is not None else None
+            context = StrategyContext(labelled_labels=state.labels_of(state.verified_indices()), rng=rng)
             held = state.unverified_indices()
-            probs_held = model.predict(fitted, pool[held]) if confidence is not None else None
-            plan = tsal_round(probs, unlabelled, state, k_round, strategy, context, confidence, audit_fraction, rng,
-                              groups=groups, probs_machine=probs_held, whole_groups=by_video)
+            plan = tsal_round(model.predict(fitted, pool[unlabelled]), unlabelled, state, budget.per_round, strategy,
+                              context, confidence, audit_fraction, rng,
+                              groups=split.pool_groups[unlabelled] if split.pool_groups is not None else None,
+                              probs_machine=model.predict(fitted, pool[held]) if confidence is not None else None,
+                              whole_groups=budget.by_video)
             if plan.round != r:
                 raise RuntimeError(f"{asker}: round {r} planned as round {plan.round} (a round without records?)")
             # one round trip: the queries, the audits, and the grading of the machine proposals
@@ -295,15 +265,84 @@ def run_experiment(
                                   audit_costs=answer["audit_costs"] if plan.audits.size else 1.0,
                                   audit_gate=config.audit_gate)
             grade = answer["grade"]
-        else:  # the whole pool is labelled; the round is still evaluated and written (no records)
-            grade = None
-        meta = fit_and_write(r, state, started, plan, grade)
+            totals = _graded_totals(totals, state, plan, r, grade, lambda idx, labels: oracle.grade(asker, idx, labels),
+                                    pool)
+        # with the whole pool labelled the round is still evaluated and written (no records)
+        fitted, meta = finish_round(r, state, plan, grade, started)
         computed += 1
 
     store.write_log(oracle.log(asker))
-    return {"experiment_id": spec.experiment_id, "computed": computed,
-            "resumed": on_disk,
+    return {"experiment_id": spec.experiment_id, "computed": computed, "resumed": resumed,
             "map": meta["map"], "macro_f1": meta["macro_f1"], "cost_total": meta["cost_total"]}
+
+
+def restore_rounds(store: RoundStore, num_labels: int) -> tuple[ALState | None, dict | None, int]:
+    """``(state, last round's meta, rounds)`` rebuilt from the stored rounds ``0..k-1`` (each
+    round's revoked machine labels taken back); ``(None, None, 0)`` when none is stored. An
+    unreadable round ends the restore there: it and every later round are recomputed."""
+    by_index: dict[int, dict] = {}
+    meta, done = None, 0
+    for r in range(store.completed()):
+        try:
+            rows, round_meta = store.read(r)
+        except UnreadableRound:
+            break
+        for index in round_meta.get("revoked", []):
+            by_index.pop(int(index), None)
+        by_index.update({int(row["index"]): row for row in rows})
+        meta, done = round_meta, r + 1
+    if not done:
+        return None, None, 0
+    state = ALState.from_records([{k: v for k, v in row.items() if k != "global_index"} for row in by_index.values()],
+                                 num_labels=num_labels)
+    return state, meta, done
+
+
+def _initial_picks(split: Split, budget: Budget, rng: np.random.Generator) -> np.ndarray:
+    """Round 0: ``budget.initial`` random frames, or every frame of that many random videos."""
+    if budget.by_video:
+        videos = rng.choice(split.pool_videos, size=budget.initial, replace=False)
+        return np.flatnonzero(np.isin(split.pool_groups, videos)).astype(np.int64)
+    return np.sort(rng.choice(split.train.size, size=budget.initial, replace=False)).astype(np.int64)
+
+
+def _graded_totals(totals: dict, state: ALState, plan: RoundPlan, r: int, grade: dict, regrade, pool) -> dict:
+    """Cumulative machine-label counts after round r: how many were accepted and, per the
+    oracle's grade (counts only), how many vectors and labels were right. When the audit gate
+    dropped some of the plan's machine labels, the kept ones are graded again (``regrade``)."""
+    if not plan.machine_indices.size:
+        return totals
+    kept = [i for i in plan.machine_indices
+            if i in state and state.record(i).source == "machine" and state.record(i).round == r]
+    if not kept:
+        return totals
+    if len(kept) != plan.machine_indices.size:
+        proposals = np.array([state.record(i).machine_labels for i in kept], dtype=np.uint8)
+        grade = regrade(pool[np.asarray(kept)], proposals)
+    return {"machine_accepted_total": totals["machine_accepted_total"] + len(kept),
+            "machine_vectors_correct": totals["machine_vectors_correct"] + grade["vectors_correct"],
+            "machine_labels_correct": totals["machine_labels_correct"] + grade["labels_correct"],
+            "machine_labels_total": totals["machine_labels_total"] + grade["labels_total"]}
+
+
+def round_counts(state: ALState, r: int, plan: RoundPlan | None, cost_scale: float, pool_size: int) -> dict:
+    """The labelled set after round r, as the round's metadata counts it."""
+    summary = state.round_summary(r)
+    machine = [rec for rec in state.records if rec.source == "machine"]
+    return {"round": r, "labelled": len(state), "human": int(state.verified_indices().size),
+            "machine": len(machine), "machine_new": summary["machine"],
+            "audited": sum(rec.audit != "none" for rec in machine),
+            "audit_agreed": sum(rec.audit == "agreed" for rec in machine),
+            "queried_new": summary["oracle"], "cost_round": summary["cost"],
+            "cost_total": state.total_cost, "fraction": state.total_cost / cost_scale,
+            "human_fraction": state.verified_indices().size / pool_size,
+            "rejected_inconsistent": plan.rejected_inconsistent if plan is not None else 0,
+            "revoked": plan.revoked.tolist() if plan is not None else [],
+            "machine_revoked": int(plan.revoked.size) if plan is not None else 0}
+
+
+def _metrics_of(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("map", "macro_f1", "micro_f1", "hamming_loss", "per_finding_ap", "excluded")}
 
 
 def _fit(model, state: ALState, pool: np.ndarray, machine_weight: float):
@@ -314,15 +353,16 @@ def _fit(model, state: ALState, pool: np.ndarray, machine_weight: float):
     return model.fit(pool[idx], labels, weights, verified)
 
 
-def _answers_of(state: ALState, global_index: Mapping[int, int]) -> list[dict]:
-    """The oracle answers recorded in a state: queries (initial + oracle) and audits."""
+def _answers_of(state: ALState, pool: np.ndarray) -> list[dict]:
+    """The oracle answers recorded in a state: queries (initial + oracle) and audits, by global
+    sample index (``pool[index]``)."""
     out = []
     for rec in state.records:
         if rec.source in ("initial", "oracle"):
-            out.append({"index": global_index[rec.index], "round": rec.round, "kind": "query",
+            out.append({"index": int(pool[rec.index]), "round": rec.round, "kind": "query",
                         "labels": rec.labels, "cost": rec.cost})
         elif rec.audit != "none":
-            out.append({"index": global_index[rec.index], "round": rec.round, "kind": "audit",
+            out.append({"index": int(pool[rec.index]), "round": rec.round, "kind": "audit",
                         "labels": rec.labels, "cost": rec.cost})
     return out
 
