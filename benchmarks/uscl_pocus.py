@@ -94,7 +94,7 @@ def main() -> None:
     from cluster.pretrain import pretrain
     from cluster.runtime import connect
     from cluster.train import ScaleSpec
-    from jobs.evaluate import evaluate_summary
+    from cluster.evaluate import evaluate_summary
     from ultrasound.uscl import USCLConfig
 
     arms = [a for a in args.arms.split(",") if a]

@@ -56,3 +56,12 @@ def csv_list(text: str | None) -> list[str] | None:
         return None
     items = [item.strip() for item in text.split(",")]
     return [item for item in items if item]
+
+
+def add_config_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--config FILE|s3://...`` and ``--set KEY=VALUE`` (repeatable), declared once for every job
+    (read by :func:`cluster.job_config.layered`: defaults, file, --set, flags)."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"YAML file (path or s3://) of {what}; keys are the setting names")
+    parser.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting (a YAML value), after --config and before the flags; repeatable")

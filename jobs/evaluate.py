@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TextIO
 
 from jobs.common import (
     add_json_arg,
@@ -23,9 +22,6 @@ from jobs.common import (
     storage_from,
 )
 from jobs.output import UserError, emit_json, human_stream, progress
-
-FOLD_PLACEHOLDER = "{fold}"
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -69,77 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def checkpoints_for_folds(template: str, folds: int, storage) -> list:
-    """One LoadedCheckpoint per fold: the same one, or ``template`` with '{fold}' filled in."""
-    from cluster.evaluate import load_checkpoint
-
-    if FOLD_PLACEHOLDER not in template:
-        shared = load_checkpoint(template, storage)
-        return [shared] * folds
-    return [load_checkpoint(template.replace(FOLD_PLACEHOLDER, str(f)), storage)
-            for f in range(folds)]
-
-
-def evaluate_summary(
-    data_uri: str, checkpoint: str, *, mode: str = "linear", folds: int = 5, split_seed: int = 0,
-    classes: list[str] | None = None, probe: str | None = None, image_size: int | None = None,
-    channels: int | None = None, fps: float | None = 3.0, max_per_video: int | None = 30,
-    epochs: int | None = None, lr: float | None = None, device: str = "cpu", storage=None, frames=None,
-    on_progress: Callable[[str], None] | None = None, cache: bool = True,
-) -> dict[str, Any]:
-    """Cross-validate ``checkpoint`` on the data set at ``data_uri`` (Ray connected). ``frames``
-    (an EvalFrames of the same videos, image size and channels) skips streaming them again.
-    Returns the summary of ``cluster.evaluate.cross_validate`` plus ``test_folds`` (video ids),
-    ``videos``, ``frames``, ``mode``, ``checkpoint``, ``image_size``, ``channels``."""
-    from cluster.dataset import load_dataset
-    from cluster.evaluate import (
-        EvalSettings,
-        check_no_test_labels,
-        cross_validate,
-        evaluation_rows,
-        load_eval_frames,
-        validation_videos,
-        video_folds,
-    )
-
-    say = on_progress or (lambda message: None)
-    data = load_dataset(data_uri, storage)
-    rows, class_names = evaluation_rows(data, classes, probe)
-    test_folds = video_folds(rows, class_names, folds, split_seed)
-    validation = [validation_videos(rows, class_names, test, seed=split_seed) for test in test_folds]
-    loaded = checkpoints_for_folds(checkpoint, folds, storage)
-    for fold, ckpt in enumerate(loaded):  # refuse before any frame is decoded
-        check_no_test_labels(ckpt, test_folds[fold], fold, validation[fold])
-        if ckpt.labelled_video_ids is None:
-            say(f"evaluate: {ckpt.uri} records no label provenance (not a sonoray pretrain "
-                f"checkpoint); make sure it never saw labels of these videos")
-    channels = channels or loaded[0].channels or 1
-    image_size = image_size or loaded[0].image_size or 224
-    wrong = sorted({c.uri for c in loaded if c.channels not in (None, channels)})
-    if wrong:
-        raise UserError(f"--channels {channels} does not match the checkpoint(s) {wrong}")
-    tuning = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
-    settings = EvalSettings(mode=mode, image_size=image_size, channels=channels, seed=split_seed,
-                            device=device, **tuning)
-    if frames is None:
-        say(f"evaluate: sampling frames of {len(rows)} videos ({fps} per second, at most "
-            f"{max_per_video}) at {image_size}px")
-        frames = load_eval_frames(data, rows, class_names, image_size=image_size,
-                                  channels=channels, fps=fps, max_per_video=max_per_video, cache=cache)
-        for item in frames.failed:
-            say(f"evaluate: skipped {item['key']}: {item['reason']}")
-
-    def on_fold(fold: int, report: dict) -> None:
-        say(f"evaluate: fold {fold + 1}/{folds}: accuracy {report['accuracy']:.3f}, "
-            f"macro-F1 {report['macro_f1']:.3f}")
-
-    summary = cross_validate(frames, test_folds, validation, lambda f: loaded[f], settings, on_fold=on_fold)
-    summary.update(test_folds=test_folds, validation_folds=validation, videos=len(set(frames.video_ids.tolist())),
-                   frames=len(frames), eval_frames=frames, split_seed=split_seed, mode=mode,
-                   checkpoint=checkpoint, image_size=image_size, channels=channels)
-    return summary
-
-
 def print_table(summary: dict, out: TextIO = sys.stdout) -> None:
     """The human-readable report: per fold, mean +- std, per class, summed confusion."""
     mode = {"linear": "linear probe", "finetune": "fine-tuned last block"}[summary["mode"]]
@@ -174,7 +99,7 @@ def json_result(summary: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.compare:
         return run_compare(args)
-    from cluster.evaluate import EVALUATION_FILE, EvaluationError, evaluation_record
+    from cluster.evaluate import EVALUATION_FILE, EvaluationError, evaluate_summary, evaluation_record
 
     if not args.data or not args.checkpoint:
         raise UserError("evaluate needs --data and --checkpoint (or --compare URI URI ...)")

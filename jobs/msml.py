@@ -1,6 +1,6 @@
 """`sonoray msml`: train the MSML multi-label classifier on Ray Train (data parallel).
 
-The config is built in three layers: ``MSMLConfig`` defaults <- ``--config FILE.yaml`` <- flags.
+The config is built in layers: ``MSMLConfig`` defaults <- ``--config FILE.yaml`` <- ``--set KEY=VALUE`` <- flags.
 The YAML holds MSMLConfig keys (a file written from ``MSMLConfig.to_dict()``, e.g. a sweep's
 best config, is accepted as is); an unknown key is refused, naming the valid ones.
 """
@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
-import yaml
 
 from jobs.common import (
+    add_config_args,
     add_json_arg,
     add_ray_args,
     add_storage_args,
@@ -40,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "and gradcam/ go (s3://bucket/prefix or a path)")
     p.add_argument("--init", metavar="CKPT", help="backbone weights: a USCL checkpoint (model.pt) or a "
                    "ResNet-18 state dict (path or s3:// URI); default: random init")
-    p.add_argument("--config", metavar="FILE.yaml", help="MSMLConfig values (flags override them)")
+    add_config_args(p, "MSML settings")
     p.add_argument("--labels", metavar="COL,..", help="finding columns to learn (default: all the manifest's)")
     p.add_argument("--epochs", type=int, help="training epochs (default 30)")
     p.add_argument("--batch-size", type=int, help="frames per step over all workers (default 32)")
@@ -71,22 +70,6 @@ FLAG_KEYS = {  # argparse dest -> MSMLConfig key
     "epochs": "epochs", "batch_size": "batch_size", "image_size": "image_size", "channels": "channels",
     "loss": "loss", "lr": "lr", "seed": "seed",
 }
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping a ``--config`` YAML holds (an empty file is an empty mapping)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--config: no such file {path}")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"--config {path}: not valid YAML: {err}") from err
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise UserError(f"--config {path}: expected a mapping of MSML config keys, got {type(values).__name__}")
-    return values
 
 
 def resolve_config(manifest_findings: list[str], file_values: dict[str, Any], overrides: dict[str, Any],
@@ -121,7 +104,12 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     storage = storage_from(args)
-    file_values = load_config_file(args.config) if args.config else {}
+    from cluster.job_config import ConfigError, layered
+
+    try:
+        file_values = layered(args.config, args.set_items, {}, what="MSML settings")
+    except ConfigError as err:
+        raise UserError(str(err)) from err
     data = load_dataset(args.data, storage)
     if not data.findings:
         raise UserError(f"{data.root.uri} has no finding columns: ingest with --labels COL,.. first")

@@ -1,16 +1,17 @@
 """`sonoray pretrain`: USCL contrastive pretraining on Ray Train, fed by the frame stream.
 
 The config is USCLConfig's defaults (the authors'), overridden by ``--config FILE.yaml`` (a flat
-mapping of USCLConfig keys, as a sweep's best config is written), overridden by the flags. With
+mapping of USCLConfig keys, as a sweep's best config is written), then ``--set KEY=VALUE``, then
+the flags. With
 ``--resume`` the run's saved config is the starting point instead of the defaults.
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from jobs.common import (
+    add_config_args,
     add_json_arg,
     add_ray_args,
     add_storage_args,
@@ -46,8 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None, help="square frame size (default: config, else 224)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="1 = grayscale, 3 = RGB (default: config, else 3)")
-    p.add_argument("--config", type=Path, default=None, metavar="FILE.yaml",
-                   help="YAML mapping of USCL settings (unknown keys are refused)")
+    add_config_args(p, "USCL settings (unknown keys are refused)")
     p.add_argument("--init", default=None, metavar="PATH",
                    help="start the backbone from this state dict (e.g. ImageNet ResNet-18 weights "
                    "you downloaded; local or s3://)")
@@ -78,38 +78,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
-    """A flat YAML mapping of USCLConfig keys (a mapping under a single ``uscl`` key is accepted
-    too)."""
-    import yaml
-
-    if not path.is_file():
-        raise UserError(f"--config: no file at {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"--config {path}: not valid YAML: {err}") from err
-    if isinstance(values, dict) and set(values) == {"uscl"} and isinstance(values["uscl"], dict):
-        values = values["uscl"]
-    if not isinstance(values, dict):
-        raise UserError(f"--config {path}: expected a mapping of USCL settings, got "
-                        f"{type(values).__name__}")
-    return values
-
-
 def resolve_config(args: argparse.Namespace, saved: dict | None = None):
     """USCLConfig defaults (or the saved run's config) <- --config file <- flags."""
     from ultrasound.uscl import USCLConfig
 
-    values: dict[str, Any] = {}
-    if saved:
-        values.update({k: v for k, v in saved["config"].items() if k != "num_classes"})
-    if args.config is not None:
-        values.update(load_config_file(args.config))
-    values.update({key: getattr(args, flag) for flag, key in CONFIG_FLAGS.items()
-                   if getattr(args, flag) is not None})
+    from cluster.job_config import ConfigError, layered
+
+    base = {k: v for k, v in saved["config"].items() if k != "num_classes"} if saved else {}
     try:
+        values = layered(args.config, args.set_items, {key: getattr(args, flag) for flag, key in CONFIG_FLAGS.items()},
+                         base=base, section="uscl", what="USCL settings")
         cfg = USCLConfig.from_dict(values)
+    except ConfigError as err:
+        raise UserError(str(err)) from err
     except ValueError as err:
         source = f" (--config {args.config})" if args.config is not None else ""
         raise UserError(f"{err}{source}") from err
@@ -190,10 +171,10 @@ def demo_stage(data_uri: str, work_uri: str, *, epochs: int = 3, image_size: int
     import time
 
     from cluster.dataset import load_dataset
+    from cluster.evaluate import evaluate_summary
     from cluster.pretrain import pretrain
     from cluster.storage import Storage, StorageConfig, parse_uri
     from cluster.train import ScaleSpec
-    from jobs.evaluate import evaluate_summary
     from ultrasound.uscl import USCLConfig
 
     storage = Storage(StorageConfig.from_env())

@@ -11,9 +11,9 @@ import argparse
 import time
 from typing import Any
 
-import yaml
 
 from jobs.common import (
+    add_config_args,
     add_json_arg,
     add_ray_args,
     add_storage_args,
@@ -44,11 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "multi-label margin queries + confidence-validated machine labels + audits; mlm (its query "
         "stream alone) and self_training (random queries + its machine stream) isolate the two streams; "
         "random, least_margin, mean_entropy, lci, adaptive are single-stream baselines. Settings come "
-        "from the defaults, then --config FILE.yaml (keys = the settings' names), then the flags.",
+        "from the defaults, then --config FILE.yaml (keys = the settings' names), then --set KEY=VALUE, then the flags.",
     )
     p.add_argument("--data", required=True, metavar="URI", help="data set written by `sonoray ingest`")
     p.add_argument("--out", required=True, metavar="URI", help="results folder (local path or s3://bucket/prefix)")
-    p.add_argument("--config", metavar="FILE", default=None, help="YAML file of simulation settings")
+    add_config_args(p, "simulation settings")
     p.add_argument("--strategies", type=csv_list, default=None,
                    help="comma-separated (default tsal,random,least_margin,mean_entropy,lci,adaptive)")
     p.add_argument("--initial", type=float, default=None, help="initial labelled share of the pool (0.05)")
@@ -107,25 +107,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace, storage) -> Any:
-    """Defaults, then the YAML file, then the flags that were given."""
+    """Defaults, then the YAML file, then --set, then the flags that were given."""
+    from cluster.job_config import ConfigError, layered
     from cluster.simulate import SimulationConfig
-    from cluster.storage import parse_uri
 
-    values: dict[str, Any] = {}
-    if args.config:
-        try:
-            loaded = yaml.safe_load(storage.read_bytes(parse_uri(args.config)).decode())
-        except (OSError, yaml.YAMLError) as err:
-            raise UserError(f"cannot read --config {args.config}: {err}") from err
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"--config {args.config}: expected a mapping of settings, got {type(loaded).__name__}")
-        values.update(loaded)
-    for flag, key in CONFIG_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            values[key] = value
+    try:
+        values = layered(args.config, getattr(args, "set_items", None),
+                         {key: getattr(args, flag, None) for flag, key in CONFIG_FLAGS.items()},
+                         storage=storage, what="simulation settings")
+    except ConfigError as err:
+        raise UserError(str(err)) from err
     try:
         return SimulationConfig.from_mapping(values)
     except (TypeError, ValueError) as err:

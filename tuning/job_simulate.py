@@ -228,12 +228,11 @@ class SimulateJob(JobAdapter):
         return f"sonoray simulate {' '.join(flags)} --config best_config.yaml --out URI"
 
     def load_job_config(self, path: str):
-        from jobs.cli import build_parser
-        from jobs.simulate import config_from_args
-        from cluster.storage import Storage
+        """What ``sonoray simulate --config path`` starts from (the one config loader)."""
+        from cluster.job_config import read_config_file
+        from cluster.simulate import SimulationConfig
 
-        args = build_parser().parse_args(["simulate", "--data", "unused", "--out", "unused", "--config", str(path)])
-        return config_from_args(args, Storage())
+        return SimulationConfig.from_mapping(read_config_file(str(path), what="simulation settings"))
 
 
 def _mean(values: list[float]) -> float:

@@ -181,11 +181,11 @@ class PretrainJob(TrainJob):
         return f"sonoray pretrain {' '.join(flags)} --config best_config.yaml --out URI"
 
     def load_job_config(self, path: str):
-        from jobs.cli import build_parser
-        from jobs.pretrain import resolve_config
+        """What ``sonoray pretrain --config path`` starts from (the one config loader)."""
+        from cluster.job_config import read_config_file
+        from ultrasound.uscl import USCLConfig
 
-        args = build_parser().parse_args(["pretrain", "--data", "unused", "--out", "unused", "--config", str(path)])
-        return resolve_config(args)
+        return USCLConfig.from_dict(read_config_file(str(path), section="uscl", what="USCL settings"))
 
 
 class EvaluateAfterPretrainJob(PretrainJob):
@@ -247,7 +247,7 @@ class EvaluateAfterPretrainJob(PretrainJob):
     def run_trial(self, config: Mapping[str, Any], out_uri: str, report, storage) -> TrialOutcome:
         from cluster.evaluate import HoldoutSpec
         from cluster.storage import parse_uri
-        from jobs.evaluate import evaluate_summary
+        from cluster.evaluate import evaluate_summary
 
         folds = int(config.get("folds", 3))
         seed = int(config.get("split_seed", 0))
@@ -372,7 +372,9 @@ class MSMLJob(TrainJob):
         return f"sonoray msml {' '.join(flags)} --config best_config.yaml --out URI"
 
     def load_job_config(self, path: str):
-        from jobs.msml import load_config_file, resolve_config
+        """What ``sonoray msml --config path`` reads (its findings checked against the data set
+        when a job runs)."""
+        from cluster.job_config import read_config_file
+        from ultrasound.msml import MSMLConfig
 
-        values = load_config_file(path)  # what `sonoray msml --config` reads, then resolves
-        return resolve_config(list(values.get("findings") or []), values, {})
+        return MSMLConfig.from_dict(read_config_file(str(path), what="MSML settings"))

@@ -61,5 +61,14 @@ def coerce_fields(cls: type, values: Mapping[str, Any], what: str) -> dict[str, 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {what} config key(s) {unknown}; valid keys: {sorted(fields)}")
+        raise ValueError(f"unknown {what} config key(s) {unknown}{did_you_mean(unknown, fields)}; "
+                         f"valid keys: {sorted(fields)}")
     return {name: coerce_value(name, fields[name].type, value, what) for name, value in values.items()}
+
+
+def did_you_mean(unknown: list[str], valid) -> str:
+    """`` (did you mean 'lr'?)`` for the closest valid names of misspelt keys, else ``""``."""
+    import difflib
+
+    hints = [match[0] for key in unknown if (match := difflib.get_close_matches(str(key), list(valid), n=1))]
+    return f" (did you mean {', '.join(repr(h) for h in hints)}?)" if hints else ""

@@ -205,13 +205,14 @@ def test_unknown_config_key_fails_naming_the_valid_keys(tmp_path, msml_phantom, 
 
 
 def test_config_layers_defaults_then_yaml_then_flags(config_yaml):
-    from jobs.msml import load_config_file, resolve_config
+    from cluster.job_config import read_config_file
+    from jobs.msml import resolve_config
     from jobs.output import UserError
 
     findings = ["a_lines", "b_lines", "effusion"]
     config = resolve_config(findings, {}, {"epochs": None})
     assert config.findings == tuple(findings) and config.lr == 1e-4 and config.image_size == 224
-    values = load_config_file(config_yaml)
+    values = read_config_file(str(config_yaml))
     with pytest.raises(UserError, match="not columns of the data set"):  # the YAML names 5 findings
         resolve_config(findings, values, {})
     config = resolve_config(findings + ["consolidation", "pleural_irregularity"], values,

@@ -22,7 +22,8 @@ def phantom16_uri(ray_cluster, tmp_path_factory) -> str:
 
 @pytest.mark.timeout(600)
 def test_no_video_or_patient_has_frames_in_two_folds(phantom16_uri):
-    from jobs.evaluate import evaluate_summary, print_table
+    from cluster.evaluate import evaluate_summary
+    from jobs.evaluate import print_table
 
     data = load_dataset(phantom16_uri)
     rows, classes = evaluation_rows(data)
