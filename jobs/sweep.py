@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from jobs.common import add_json_arg, add_ray_args, add_storage_args, connect_ray, storage_from
 from jobs.output import UserError, emit_json, progress
@@ -67,37 +66,18 @@ def resolve_spec_path(text: str) -> Path:
     raise UserError(f"SPEC {text!r} not found (a file, or a ready-made SPEC: {choices})")
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["size=64", "labels=[a_lines, b_lines]"]`` -> ``{"size": 64, "labels": ["a_lines", "b_lines"]}``."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as err:
-            raise UserError(f"--set {item!r}: not a YAML value: {err}") from None
-    return out
+def load_sweep_spec(path: Path, data: str | None = None, sets: list[str] | None = None):
+    """The SPEC at ``path`` with ``fixed`` overridden by --set items, then --data (checked:
+    SpecError; a malformed --set item: ConfigError)."""
+    from cluster.job_config import parse_set_items
+    from tuning.spec import load_spec
 
-
-def load_sweep_spec(path: Path, data: str | None = None, overrides: dict[str, Any] | None = None):
-    """The SPEC at ``path`` with ``fixed`` overridden by --data / --set, checked (SpecError)."""
-    from tuning.spec import SpecError, parse_spec
-
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise SpecError(f"cannot read the SPEC: {err}") from None
-    if isinstance(raw, dict) and (data or overrides):
-        fixed = raw.get("fixed") or {}
-        if not isinstance(fixed, dict):
-            raise SpecError(f"fixed: must be a mapping of the job's arguments, got {fixed!r}")
-        raw["fixed"] = {**fixed, **(overrides or {}), **({"data": data} if data else {})}
-    return parse_spec(raw, default_name=path.stem)
+    fixed = {**parse_set_items(sets), **({"data": data} if data else {})}
+    return load_spec(path, fixed=fixed)
 
 
 def run(args: argparse.Namespace) -> int:
+    from cluster.job_config import ConfigError
     from tuning.spec import SpecError
 
     if args.trials is not None and args.trials < 1:
@@ -106,9 +86,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--concurrency must be >= 1, got {args.concurrency}")
     path = resolve_spec_path(args.spec)
     try:  # before Ray starts: a bad SPEC costs nothing
-        spec = load_sweep_spec(path, args.data, parse_overrides(args.overrides))
+        spec = load_sweep_spec(path, args.data, args.overrides)
     except SpecError as err:
         raise UserError(f"{path}: {err}") from None
+    except ConfigError as err:
+        raise UserError(str(err)) from None
     out = args.out or str(Path("sweeps") / spec.name)
     summary = run_spec(spec, out, storage=storage_from(args), connect=lambda: connect_ray(args),
                        trials=args.trials, concurrency=args.concurrency, resume=args.resume,

@@ -22,13 +22,14 @@ the valid choices, so a typo fails at once instead of after an hour of trials.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ultrasound.config import did_you_mean
 
 from tuning.space import SearchSpace, SpaceError, parse_space
 
@@ -142,15 +143,22 @@ class SweepSpec:
         }
 
 
-def load_spec(path: str | Path, adapters: Mapping[str, Any] | None = None) -> SweepSpec:
-    """Read and check a SPEC file (name defaults to the file's stem)."""
+def load_spec(path: str | Path, adapters: Mapping[str, Any] | None = None,
+              fixed: Mapping[str, Any] | None = None) -> SweepSpec:
+    """Read and check a SPEC file (name defaults to the file's stem); ``fixed`` overrides its
+    fixed arguments (``sonoray sweep --data`` and ``--set``) before the check."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"SPEC file {path} not found")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from err
+    except (OSError, yaml.YAMLError) as err:
+        raise SpecError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if isinstance(raw, dict) and fixed:
+        own = raw.get("fixed") or {}
+        if not isinstance(own, dict):
+            raise SpecError(f"fixed: must be a mapping of the job's arguments, got {own!r}")
+        raw["fixed"] = {**own, **fixed}
     return parse_spec(raw, default_name=path.stem, adapters=adapters)
 
 
@@ -310,8 +318,7 @@ def _reject_unknown(raw: Mapping, valid: tuple[str, ...], prefix: str) -> None:
 
 
 def _did_you_mean(word: Any, options) -> str:
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean([str(word)], [str(o) for o in options])
 
 
 def _as_tuple(raw: Any, key: str) -> tuple[str, ...]:

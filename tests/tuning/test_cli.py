@@ -5,14 +5,15 @@ import pytest
 
 from jobs.cli import main
 from jobs.output import UserError
-from jobs.sweep import SPECS_DIR, load_sweep_spec, parse_overrides, resolve_spec_path
+from cluster.job_config import ConfigError
+from jobs.sweep import SPECS_DIR, load_sweep_spec, resolve_spec_path
 from tests.conftest import run_cli
 
 
 def test_ready_made_spec_by_name_with_data_and_overrides():
     path = resolve_spec_path("tsal")
     assert path == SPECS_DIR / "tsal.yaml"
-    spec = load_sweep_spec(path, "s3://b/pocus", parse_overrides(["size=32", "labels=[B-lines, A-lines]", "seeds=1"]))
+    spec = load_sweep_spec(path, "s3://b/pocus", ["size=32", "labels=[B-lines, A-lines]", "seeds=1"])
     assert spec.fixed["data"] == "s3://b/pocus"
     assert spec.fixed["size"] == 32 and spec.fixed["seeds"] == 1
     assert spec.fixed["labels"] == ["B-lines", "A-lines"]
@@ -20,8 +21,8 @@ def test_ready_made_spec_by_name_with_data_and_overrides():
 
 
 def test_bad_flags_fail_with_a_message(tmp_path, capsys):
-    with pytest.raises(UserError, match="expected KEY=VALUE"):
-        parse_overrides(["size"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_sweep_spec(resolve_spec_path("tsal"), None, ["size"])
     with pytest.raises(UserError, match="ready-made SPEC: msml, tsal, uscl"):
         resolve_spec_path("nope")
     code, _ = run_cli(main, ["sweep", "tsal", "--out", str(tmp_path / "o")])  # no --data
