@@ -206,37 +206,44 @@ class ShardMemo:
     to fetch and parse every video's whole shard from object storage to keep 3 frames of each,
     about 27 s an epoch on 2 CPUs whatever the batch size. A kept shard costs one HEAD request
     instead; a replaced or corrupted object has a new version, so it is fetched and checked again.
-    ``SONORAY_SHARD_MEMO_MB`` sets the bound (default 512; 0 turns keeping off).
+    ``SONORAY_SHARD_MEMO_MB`` sets the bound per worker process, in decoded bytes (default 256:
+    POCUS at 64 px grayscale is about 80 MB decoded; 0 turns keeping off).
     """
 
     def __init__(self, max_bytes: int) -> None:
+        import threading
         from collections import OrderedDict
 
         self.max_bytes = int(max_bytes)
         self._items: "OrderedDict[str, tuple[str, Shard, int]]" = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()  # a decode task's prefetch threads read while it stores
 
     def get(self, uri: str, version: str) -> Shard | None:
-        item = self._items.get(uri)
-        if item is None or item[0] != version:
-            return None
-        self._items.move_to_end(uri)
-        return item[1]
+        with self._lock:
+            item = self._items.get(uri)
+            if item is None or item[0] != version:
+                return None
+            self._items.move_to_end(uri)
+            return item[1]
 
-    def put(self, uri: str, version: str, shard: Shard, nbytes: int) -> None:
+    def put(self, uri: str, version: str, shard: Shard) -> None:
+        """Keep ``shard``, counted at its decoded size (the arrays it holds in memory)."""
+        nbytes = int(shard.images.nbytes + shard.frame_index.nbytes + shard.timestamp.nbytes)
         if nbytes > self.max_bytes:
             return
-        old = self._items.pop(uri, None)
-        if old is not None:
-            self._bytes -= old[2]
-        self._items[uri] = (version, shard, int(nbytes))
-        self._bytes += int(nbytes)
-        while self._bytes > self.max_bytes:
-            _, (_, _, size) = self._items.popitem(last=False)
-            self._bytes -= size
+        with self._lock:
+            old = self._items.pop(uri, None)
+            if old is not None:
+                self._bytes -= old[2]
+            self._items[uri] = (version, shard, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.max_bytes:
+                _, (_, _, size) = self._items.popitem(last=False)
+                self._bytes -= size
 
     def __len__(self) -> int:
         return len(self._items)
 
 
-SHARD_MEMO = ShardMemo(int(float(os.environ.get("SONORAY_SHARD_MEMO_MB", "512")) * (1 << 20)))
+SHARD_MEMO = ShardMemo(int(float(os.environ.get("SONORAY_SHARD_MEMO_MB", "256")) * (1 << 20)))

@@ -462,8 +462,8 @@ def evaluate_summary(
     on_progress: Callable[[str], None] | None = None, cache: bool = True,
 ) -> dict[str, Any]:
     """Cross-validate ``checkpoint`` on the data set at ``data_uri`` (Ray connected): what
-    ``sonoray evaluate`` runs per split seed, and what the pretrain job's ``--eval-folds`` and
-    the evaluate-after-pretrain sweep call. ``frames``
+    ``sonoray evaluate`` runs per split seed, and what the demo's pretrain stage and the
+    evaluate-after-pretrain sweep call. ``frames``
     (an EvalFrames of the same videos, image size and channels) skips streaming them again.
     Returns the summary of ``cluster.evaluate.cross_validate`` plus ``test_folds`` (video ids),
     ``videos``, ``frames``, ``mode``, ``checkpoint``, ``image_size``, ``channels``."""

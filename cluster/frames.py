@@ -162,7 +162,7 @@ def _read_shard(storage: Storage, location: Location, sha256: str, log, fetched=
     except CacheError:
         ray.get(log.cache_event.remote("rebuilt"))
         return None
-    SHARD_MEMO.put(location.uri, version, shard, len(data))
+    SHARD_MEMO.put(location.uri, version, shard)
     _count_hit(log, counts, "fetched", len(data))
     return shard
 

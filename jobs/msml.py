@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.job_config import ConfigError, layered
 
     try:
-        file_values = layered(args.config, args.set_items, {}, what="MSML settings")
+        file_values = layered(args.config, args.set_items, {}, storage=storage, what="MSML settings")
     except ConfigError as err:
         raise UserError(str(err)) from err
     data = load_dataset(args.data, storage)

@@ -87,7 +87,7 @@ def resolve_config(args: argparse.Namespace, saved: dict | None = None):
     base = {k: v for k, v in saved["config"].items() if k != "num_classes"} if saved else {}
     try:
         values = layered(args.config, args.set_items, {key: getattr(args, flag) for flag, key in CONFIG_FLAGS.items()},
-                         base=base, section="uscl", what="USCL settings")
+                         base=base, section="uscl", what="USCL settings", storage=storage_from(args))
         cfg = USCLConfig.from_dict(values)
     except ConfigError as err:
         raise UserError(str(err)) from err

@@ -381,7 +381,9 @@ def mean_curves(curves: Sequence[Curve], metric: str, baseline: str | None = Non
     metric's ``mean`` and its 95% bootstrap band ``low``/``high`` (clipped to [0, 1]).
 
     With ``baseline``, the curves are per-seed paired differences ``strategy - baseline`` at the
-    same round (seeds both ran; band clipped to [-1, 1]); the baseline itself is left out.
+    same labelled fraction (the baseline's curve interpolated at the strategy's fractions, up to
+    where the baseline's curve ends; seeds both ran; band clipped to [-1, 1]), as ``vs_random``
+    compares AULC at equal fractions; the baseline itself is left out.
     """
     base = {c.seed: c for c in curves if c.strategy == baseline} if baseline else {}
     out = {}
@@ -392,9 +394,12 @@ def mean_curves(curves: Sequence[Curve], metric: str, baseline: str | None = Non
             if name == baseline or not group:
                 continue
         n = min(c.rounds.size for c in group)
-        if baseline:
-            n = min(n, min(base[c.seed].rounds.size for c in group))
-            values = np.array([c.metric(metric)[:n] - base[c.seed].metric(metric)[:n] for c in group])
+        if baseline:  # the leading rounds inside every paired baseline curve's fraction range
+            n = min(n, *(int(np.sum(c.fraction[:n] <= base[c.seed].fraction[-1] + 1e-12)) for c in group))
+            if n == 0:
+                continue
+            values = np.array([c.metric(metric)[:n] - np.interp(c.fraction[:n], base[c.seed].fraction,
+                                                                base[c.seed].metric(metric)) for c in group])
             mean, low, high = band(values, low=-1.0, high=1.0)
         else:
             mean, low, high = band(np.array([c.metric(metric)[:n] for c in group]))

@@ -218,17 +218,17 @@ def test_a_deleted_video_is_named_in_pretrain_and_msml_results(ray_cluster, phan
 def test_shard_memo_keeps_the_stored_version_only_and_stays_in_its_bound():
     from cluster.cache import Shard, ShardMemo
 
-    def shard(value):
-        return Shard(np.arange(2), np.zeros(2), np.full((2, 4, 4, 1), value, np.uint8))
+    def shard(value, frames=2):  # 2 frames of 4 x 4 x 4: 128 bytes of images + 32 of indices
+        return Shard(np.arange(frames), np.zeros(frames), np.full((frames, 4, 4, 4), value, np.uint8))
 
-    memo = ShardMemo(max_bytes=250)
-    memo.put("s3://b/a", "v1", shard(1), 100)
+    memo = ShardMemo(max_bytes=400)
+    memo.put("s3://b/a", "v1", shard(1))
     assert memo.get("s3://b/a", "v1").images[0, 0, 0, 0] == 1
     assert memo.get("s3://b/a", "v2") is None  # the object was replaced: fetch and check it again
-    memo.put("s3://b/b", "v1", shard(2), 100)
+    memo.put("s3://b/b", "v1", shard(2))
     memo.get("s3://b/a", "v1")  # a is now the most recently used
-    memo.put("s3://b/c", "v1", shard(3), 100)  # 300 > 250: the least recently used (b) goes
+    memo.put("s3://b/c", "v1", shard(3))  # 3 x 160 > 400 decoded bytes: the least recently used (b) goes
     assert memo.get("s3://b/b", "v1") is None and memo.get("s3://b/a", "v1") is not None and len(memo) == 2
-    memo.put("s3://b/big", "v1", shard(4), 1000)  # larger than the bound: never kept
+    memo.put("s3://b/big", "v1", shard(4, frames=8))  # larger than the bound: never kept
     assert memo.get("s3://b/big", "v1") is None
     assert ShardMemo(0).get("x", "v") is None

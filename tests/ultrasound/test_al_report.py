@@ -133,8 +133,10 @@ def test_labels_to_target_waits_for_a_lasting_crossing_and_censors_the_rest():
 def test_difference_curves_pair_seeds_against_random(hand_rows):
     diff = mean_curves(curves_from_rows(hand_rows), "map", baseline="random")
     assert set(diff) == {"tsal"}
-    # seed 0: (0.5, 0.8, 0.9) - (0.5, 0.7, 0.8); seed 1: (0.4, 0.6, 0.7) - (0.6, 0.8, 0.8)
-    assert diff["tsal"]["mean"].tolist() == pytest.approx([-0.1, -0.05, 0.0])
+    # at tsal's fractions 0.1, 0.25 (0.4 is past random's last round, 0.3): random seed 0 is
+    # (0.5, 0.75), seed 1 (0.6, 0.8); tsal (0.5, 0.8) and (0.4, 0.6)
+    assert diff["tsal"]["mean"].tolist() == pytest.approx([-0.1, -0.075])
+    assert diff["tsal"]["fraction"].tolist() == pytest.approx([0.1, 0.25])
     assert (diff["tsal"]["low"] <= diff["tsal"]["mean"] + 1e-12).all()
 
 

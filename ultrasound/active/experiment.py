@@ -31,7 +31,7 @@ import numpy as np
 
 from ultrasound.active.learners import make_model
 from ultrasound.active.rounds import RoundPlan, apply_answers, round_rng, tsal_round
-from ultrasound.active.sim_config import SimulationConfig
+from ultrasound.active.sim_config import ExperimentKind, SimulationConfig
 from ultrasound.active.state import ALState
 from ultrasound.active.strategies import StrategyContext
 from ultrasound.al_report import round_metrics
@@ -85,6 +85,7 @@ class ExperimentSpec:
     rounds: int
     reference_id: str
     settings: Mapping[str, Any] = field(hash=False, compare=False, default_factory=dict)
+    kind: ExperimentKind | None = field(default=None, hash=False, compare=False)  # travels to the worker
 
 
 
@@ -133,7 +134,7 @@ def plan_experiments(table_key: str, findings: tuple[str, ...], config: Simulati
             settings = config.experiment_settings(strategy)
             digest = _digest([table_key, findings, settings])
             specs.append(ExperimentSpec(f"{strategy}-seed{seed}-{digest}", strategy, seed, config.rounds, ref,
-                                        settings))
+                                        settings, config.kind(strategy)))
     return specs
 
 
@@ -199,8 +200,8 @@ def run_experiment(
     """
     pool, asker = split.train, spec.experiment_id
     budget = budget_of(config, split)
-    kind = config.kind(spec.strategy)
-    strategy = config.strategy(spec.strategy)
+    kind = spec.kind or config.kind(spec.strategy)
+    strategy = kind.build(config)
     confidence = (dataclasses.replace(config.confidence_config(), max_per_round=budget.machine_cap)
                   if kind.machine_stream else None)
     audit_fraction = config.audit if kind.machine_stream else 0.0

@@ -46,6 +46,8 @@ class ExperimentKind:
         config_params: strategy parameter -> the :class:`SimulationConfig` field holding its value
             (e.g. MLM's ``correlation_weight``), so a YAML key or flag sets it.
         params: fixed strategy parameters (a registered strategy's own settings).
+        cls: the strategy class of a registered strategy, carried with the kind so that a worker
+            process (a Ray task) that never ran the registration can build it.
     """
 
     name: str
@@ -53,6 +55,14 @@ class ExperimentKind:
     machine_stream: bool = False
     config_params: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
+    cls: type | None = field(default=None, compare=False)
+
+    def build(self, config: "SimulationConfig") -> Strategy:
+        """The query strategy with its parameters (config-backed ones read from ``config``)."""
+        if self.cls is not None and self.strategy not in STRATEGIES:
+            STRATEGIES[self.strategy] = self.cls  # registered in the driver, not in this process
+        return make_strategy(self.strategy, **{p: getattr(config, f) for p, f in self.config_params.items()},
+                             **self.params)
 
 
 KINDS: dict[str, ExperimentKind] = {}
@@ -92,7 +102,7 @@ def register_strategy(cls: type, *, machine_stream: bool = False, **params: Any)
     if name in KINDS and KINDS[name].strategy != name:
         raise ValueError(f"{name!r} is already an experiment kind")
     STRATEGIES[name] = cls
-    return register_kind(ExperimentKind(name, name, machine_stream, params=dict(params)))
+    return register_kind(ExperimentKind(name, name, machine_stream, params=dict(params), cls=cls))
 
 
 @dataclass(frozen=True)
@@ -189,7 +199,8 @@ class SimulationConfig:
             (0 <= self.audit <= 1, f"audit must be in [0, 1], got {self.audit}"),
             (self.audit_cost >= 0, f"audit_cost must be >= 0, got {self.audit_cost}"),
             (self.max_machine_per_round in (None, "budget")
-             or (isinstance(self.max_machine_per_round, int) and self.max_machine_per_round >= 0),
+             or (isinstance(self.max_machine_per_round, int) and not isinstance(self.max_machine_per_round, bool)
+                 and self.max_machine_per_round >= 0),
              f"max_machine_per_round must be 'budget', a number >= 0 or none, got {self.max_machine_per_round!r}"),
             (self.audit_gate is None or 0 <= self.audit_gate <= 1, f"audit_gate must be in [0, 1], got {self.audit_gate}"),
             (self.machine_weight >= 0, f"machine_weight must be >= 0, got {self.machine_weight}"),
@@ -246,9 +257,7 @@ class SimulationConfig:
     def strategy(self, name: str) -> Strategy:
         """The query strategy of an experiment kind, with its parameters (``tsal`` queries with
         MLM, ``self_training`` at random)."""
-        kind = self.kind(name)
-        return make_strategy(kind.strategy, **{p: getattr(self, f) for p, f in kind.config_params.items()},
-                             **kind.params)
+        return self.kind(name).build(self)
 
     def experiment_settings(self, strategy: str) -> dict[str, Any]:
         """The fields that decide an experiment's results (the experiment id hashes them)."""

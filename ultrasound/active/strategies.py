@@ -317,13 +317,13 @@ def select_spread(scores: np.ndarray, k: int, groups: np.ndarray | None, rng: np
         [0, 2]
     """
     order = select_top(scores, np.asarray(scores).shape[0], rng)  # every position, best first
+    if not 0 <= k <= order.shape[0]:
+        raise ValueError(f"k must be in [0, {order.shape[0]}], got {k}")
     if groups is None:
         return order[:k]
     groups = np.asarray(groups).ravel()
     if groups.shape[0] != order.shape[0]:
         raise ValueError(f"groups has {groups.shape[0]} entries, scores {order.shape[0]}")
-    if not 0 <= k <= order.shape[0]:
-        raise ValueError(f"k must be in [0, {order.shape[0]}], got {k}")
     _, code = np.unique(groups[order], return_inverse=True)
     by_group = np.argsort(code, kind="stable")  # positions in `order`, grouped, best first within
     sorted_code = code[by_group]
