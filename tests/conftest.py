@@ -89,10 +89,26 @@ def phantom_uri(phantom_dir, s3_server) -> str:
 
 
 def run_cli(main, argv: list[str]) -> tuple[int, dict | None]:
-    """Run `sonoray ARGV` in-process; returns (exit code, the last stdout line as JSON if any)."""
+    """Run `sonoray ARGV` in-process; returns (exit code, the JSON result if any).
+
+    With ``--json`` the WHOLE of stdout must be one JSON object (or nothing, on a failure):
+    every CLI test that passes ``--json`` checks that its command's stdout pipes into ``jq``.
+    """
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(argv)
+    if "--json" in argv:
+        text = out.getvalue()
+        if not text.strip():
+            assert code != 0, f"sonoray {' '.join(argv)}: exit 0 with --json but nothing on stdout"
+            return code, None
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise AssertionError(f"sonoray {' '.join(argv)} --json: stdout is not one JSON object ({err}): "
+                                 f"{text[:500]!r}") from None
+        assert isinstance(payload, dict), f"--json stdout is {type(payload).__name__}, not an object"
+        return code, payload
     lines = [line for line in out.getvalue().splitlines() if line.strip()]
     payload = None
     if lines:
