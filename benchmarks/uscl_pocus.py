@@ -23,11 +23,12 @@ protocol (layer4[1] + linear, Adam lr 0.01, cosine, 100 epochs) on the first spl
 
 CPU size (default): 64 px grayscale (the smallest size at which ResNet-18's last block still sees
 a 2 x 2 map, and 12x fewer pixels than 224), batch 12 videos (22 negatives per view),
-1,000 optimiser steps per pretraining (131 videos -> 11 steps an epoch -> 91 epochs), cosine
-after 10% warm-up. At the measured 48 cached images/s (benchmarks/train_throughput.py) a
-pretraining takes about 9 min, so the eight of the default run (3 label-free arms + 5 folds of
-uscl-semi) need about 75 min, and the linear probes about 15 min more. Batch 16 would cost
-about 100 min of pretraining alone; 12 keeps the whole run inside the 100-minute budget.
+1,000 optimiser steps per pretraining (129 ingested videos -> 11 steps an epoch -> 91 epochs), cosine
+after 10% warm-up. Measured (2 CPUs, from the cache): an epoch costs 11-14 s whatever the batch,
+so a pretraining takes 17-21 min; the three label-free arms and their linear probes took 48 min,
+and the default run (3 label-free arms + 5 folds of uscl-semi) needs about 2.5 hours. Batch 12
+rather than 16 or 32 because the cost is per epoch: fewer videos per step means fewer epochs for
+1,000 steps.
 A run that stopped can go on with ``--resume WORK``: finished pretrainings and evaluations are
 reused.
 `--save` writes benchmarks/results/uscl_pocus.{md,json,png} and uscl_pocus_tsne.png.
