@@ -101,10 +101,11 @@ class StreamLog:
         return list(self._items)
 
     def cache_event(self, kind: str, nbytes: int = 0) -> None:
-        """Called and awaited by the decode tasks, so a pass's counts are complete when it ends
-        (calls from different processes to one actor are not ordered)."""
+        """A shard ``built`` (``nbytes`` written), ``rebuilt`` or a ``write_errors``; called and
+        awaited by the decode tasks, so a pass's counts are complete when it ends (calls from
+        different processes to one actor are not ordered)."""
         self._cache[kind] += 1
-        self._cache["bytes_read" if kind == "hits" else "bytes_written"] += int(nbytes)
+        self._cache["bytes_written"] += int(nbytes)
 
     def cache_counts(self, counts: dict) -> None:
         """Hits of one batch: ``hits`` (= ``kept`` in the task's memory + ``fetched`` from
@@ -146,16 +147,16 @@ def _fetch_shard(storage: Storage, location: Location) -> tuple[str | None, byte
         raise
 
 
-def _read_shard(storage: Storage, location: Location, sha256: str, log, fetched=None,
-                counts: dict | None = None) -> Shard | None:
+def _read_shard(storage: Storage, location: Location, sha256: str, log, counts: dict,
+                fetched=None) -> Shard | None:
     """The cached shard (``fetched``: :func:`_fetch_shard`'s answer, already started), or None
-    when it is missing or cannot be trusted (then it is rebuilt). Hits are added to ``counts``
-    (sent to the log once per batch) or, without it, to the log at once."""
+    when it is missing or cannot be trusted (then it is rebuilt). Hits are added to ``counts``,
+    which the decode task sends to the log once per batch."""
     version, data = _fetch_shard(storage, location) if fetched is None else fetched()
     if data is None:
         return None
     if isinstance(data, Shard):
-        _count_hit(log, counts, "kept", 0)
+        _count_hit(counts, "kept", 0)
         return data
     try:
         shard = decode_shard(data, sha256)
@@ -163,14 +164,11 @@ def _read_shard(storage: Storage, location: Location, sha256: str, log, fetched=
         ray.get(log.cache_event.remote("rebuilt"))
         return None
     SHARD_MEMO.put(location.uri, version, shard)
-    _count_hit(log, counts, "fetched", len(data))
+    _count_hit(counts, "fetched", len(data))
     return shard
 
 
-def _count_hit(log, counts: dict | None, how: str, nbytes: int) -> None:
-    if counts is None:
-        ray.get(log.cache_counts.remote({"hits": 1, how: 1, "bytes_read": nbytes}))
-        return
+def _count_hit(counts: dict, how: str, nbytes: int) -> None:
     for key, value in (("hits", 1), (how, 1), ("bytes_read", nbytes)):
         counts[key] = counts.get(key, 0) + value
 
@@ -188,7 +186,7 @@ def _build_shard(storage: Storage, location: Location, meta: dict, frames: list,
 
 
 def _video_frames(meta: dict, spec: StreamSpec, storage: Storage, root: Location, cache: CacheLocation | None,
-                  log, fetched=None, counts: dict | None = None):
+                  log, counts: dict, fetched=None):
     """The sampled ``(frame_index, timestamp, image)`` of one video: from its cache shard when
     there is one, else decoded from the object (and cached)."""
     key = str(meta["key"])
@@ -199,7 +197,7 @@ def _video_frames(meta: dict, spec: StreamSpec, storage: Storage, root: Location
     if cache is None:
         return decode_bytes(storage.read_bytes(root.join(key)), suffix, spec.sampling, spec.fmt, rng=rng, **decode)
     location = cache.shard(str(meta["sha256"]))
-    shard = _read_shard(storage, location, str(meta["sha256"]), log, fetched, counts)
+    shard = _read_shard(storage, location, str(meta["sha256"]), log, counts, fetched)
     if shard is None:
         frames = list(decode_bytes(storage.read_bytes(root.join(key)), suffix, base_sampling(spec.sampling),
                                    spec.fmt, **decode))
@@ -234,8 +232,8 @@ def _decode_video_batches(batch: dict, *, spec: StreamSpec, storage_config: Stor
         findings = np.asarray(batch["findings"][i], dtype=np.float32).reshape(n_findings)
         labels = {name: meta[name] for name in _META_COLUMNS}
         try:
-            frames = _video_frames(meta, spec, storage, root, cache, log,
-                                   prefetch[i].result if prefetch is not None else None, counts)
+            frames = _video_frames(meta, spec, storage, root, cache, log, counts,
+                                   prefetch[i].result if prefetch is not None else None)
             if spec.mode == "clips":
                 yield _clip_batch(list(frames), labels, findings, spec.sampling.per_video)
             else:
