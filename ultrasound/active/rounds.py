@@ -130,15 +130,13 @@ def tsal_round(
 
     if whole_groups and groups is None:
         raise ValueError("whole_groups needs groups (the video of each sample)")
+    groups = None if groups is None else _aligned(groups, probs.shape[0])
     k = min(int(budget_k), probs.shape[0])
     if k > 0:
         scores = np.asarray(strategy.score(probs, context), dtype=np.float64)
         if scores.shape != (probs.shape[0],):
             raise ValueError(f"strategy {strategy.name!r} returned shape {scores.shape}, expected ({probs.shape[0]},)")
-        if whole_groups:
-            picked = _pick_groups(scores, k, _aligned(groups, probs.shape[0]), rng)
-        else:
-            picked = select_spread(scores, k, None if groups is None else _aligned(groups, probs.shape[0]), rng)
+        picked = _pick_groups(scores, k, groups, rng) if whole_groups else select_spread(scores, k, groups, rng)
     else:
         scores, picked = np.zeros(0), np.zeros(0, dtype=np.int64)
     queries = unlabelled_idx[picked]
