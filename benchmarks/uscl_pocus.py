@@ -30,7 +30,9 @@ and the default run (3 label-free arms + 5 folds of uscl-semi) needs about 2.5 h
 rather than 16 or 32 because the cost is per epoch: fewer videos per step means fewer epochs for
 1,000 steps.
 A run that stopped can go on with ``--resume WORK``: finished pretrainings and evaluations are
-reused.
+reused. ``--merge REPORT`` adds the arms of an earlier saved report (same settings, checked) to
+this run's, so the semi arm can run on its own and still be compared with the label-free arms:
+python benchmarks/uscl_pocus.py --arms uscl-semi --merge benchmarks/results/uscl_pocus.json --save
 `--save` writes benchmarks/results/uscl_pocus.{md,json,png} and uscl_pocus_tsne.png.
 Paper scale (GPU): python benchmarks/uscl_pocus.py --gpu --image-size 224 --steps 1500 --channels 3
 """
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--resume", type=Path, default=None, metavar="WORK",
                         help="continue the run in this work folder: finished pretrainings and evaluations are reused")
+    parser.add_argument("--merge", type=Path, default=None, metavar="REPORT",
+                        help="add the arms of an earlier uscl_pocus.json run with the same settings")
     parser.add_argument("--save", action="store_true",
                         help="write the table, JSON and figures to benchmarks/results/uscl_pocus*")
     parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
@@ -108,6 +112,10 @@ def main() -> None:
     scale = ScaleSpec(workers=args.workers, gpu=args.gpu)
     if args.resume is not None and not args.resume.is_dir():
         parser.error(f"--resume {args.resume}: no such work folder")
+    merged = json.loads(args.merge.read_text()) if args.merge is not None else None
+    if merged is not None and set(arms) & set(merged["records"]["linear"]):
+        parser.error(f"--merge {args.merge}: it already holds arms "
+                     f"{sorted(set(arms) & set(merged['records']['linear']))}; run only the others")
     work = args.resume or (args.out or Path(tempfile.mkdtemp(prefix="uscl-pocus-"))) / time.strftime("%Y%m%d-%H%M%S")
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     timings: dict[str, float] = {}
@@ -124,6 +132,8 @@ def main() -> None:
             f"{args.folds} folds x split seeds {seeds}; pretraining {epochs} epochs x {steps_per_epoch} "
             f"steps = {epochs * steps_per_epoch} steps at {args.image_size}px")
 
+        if merged is not None:  # before any pretraining: a mismatch must not cost an hour
+            _check_same_settings(merged["settings"], cfg, epochs * steps_per_epoch, args, len(rows))
         checkpoints: dict[str, str] = {"random": "random"}
         pretrain_runs: dict[str, list[dict]] = {}
 
@@ -179,7 +189,16 @@ def main() -> None:
             return summary
 
         records: dict[str, dict[str, dict]] = {"linear": {}, "finetune": {}}
-        for arm in arms:
+        embeddings_merged = {}
+        if merged is not None:
+            for mode in records:
+                records[mode].update(merged["records"].get(mode, {}))
+            pretrain_runs.update(merged.get("pretrain", {}))
+            embeddings_merged = (merged.get("embeddings") or {}).get("maps", {})
+            log(f"merged arms {sorted(merged['records']['linear'])} from {args.merge}")
+        ran = list(arms)
+        arms = list(dict.fromkeys([*records["linear"], *arms]))
+        for arm in ran:
             arm_seeds = semi_seeds if arm == "uscl-semi" else seeds
             summaries = [evaluate(arm, semi[s] if arm == "uscl-semi" else checkpoints[arm], s) for s in arm_seeds]
             records["linear"][arm] = evaluation_record(arm, summaries)
@@ -203,7 +222,8 @@ def main() -> None:
         (work / "records.json").write_text(json.dumps({"records": records, "comparisons": comparisons,
                                                        "pretrain": pretrain_runs}, default=_plain))
         try:
-            embeddings = embedding_maps(arms, checkpoints, semi, frames, args)
+            embeddings = embedding_maps(ran, checkpoints, semi, frames, args)
+            embeddings["maps"] = {**embeddings_merged, **embeddings["maps"]}
         except Exception as err:  # noqa: BLE001 - the map is a picture; the measured results must still be saved
             log(f"embedding maps failed ({type(err).__name__}: {err}); results are saved without them")
             embeddings = None
@@ -232,6 +252,18 @@ def main() -> None:
         plot_embeddings(report, RESULTS / "uscl_pocus_tsne.png")
     print(table)
     print(json.dumps({k: report[k] for k in ("settings", "comparisons", "timings_s")}))
+
+
+def _check_same_settings(saved: dict, cfg, steps: int, args, videos: int) -> None:
+    """Arms from another run are comparable only when pretrained and evaluated alike."""
+    mine = {"image_size": cfg.image_size, "channels": cfg.channels, "steps": steps, "epochs": cfg.epochs,
+            "batch_videos": cfg.batch_videos, "lr": cfg.lr, "folds": args.folds, "videos_evaluated": videos}
+    differ = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+    if not set(saved.get("semi_seeds", [])) <= set(saved.get("split_seeds", [])) or not set(
+            int(s) for s in args.semi_seeds.split(",") if s) <= set(saved.get("split_seeds", [])):
+        differ["semi_seeds"] = (saved.get("split_seeds"), args.semi_seeds)
+    if differ:
+        raise SystemExit(f"--merge {args.merge}: settings differ (saved, this run): {differ}")
 
 
 def _plain(value):

@@ -61,6 +61,7 @@ from cluster.train import (
     worker_context,
 )
 from ultrasound.evaluation import carve_validation
+from ultrasound.export import msml_files
 from ultrasound.gradcam import grad_cam, overlay
 from ultrasound.manifest import safe_file_name
 from ultrasound.msml import (
@@ -405,6 +406,9 @@ def run_msml_claimed(
                   positive_weights=dict(zip(config.findings, weights.weights.tolist())),
                   init=options.init_uri, init_missing=init_missing, skipped_videos=skipped)
     report_uri = files.write(REPORT_FILE, json.dumps(report, indent=1).encode())
+    for name, data in msml_files(model.state_dict(), list(config.findings), config.image_size,
+                                 config.channels).items():
+        files.write(name, data)
     gradcams = save_gradcams(model, validation, probs, report, config, files, limit=options.gradcam)
     files.complete()
     on_progress(f"msml: validation mAP {report['map']:.3f} (chance {report['chance_map']:.3f}), "

@@ -29,6 +29,7 @@ from cluster.completion import FinalFiles, check_model_file, clear_complete
 from cluster.storage import Location, Storage, parse_uri
 from ultrasound.backbone import ResNet18Backbone, adopt_weights, read_state
 from ultrasound.checkpoint import load_state, save_state
+from ultrasound.export import BACKBONE_FILE, backbone_safetensors
 
 CHECKPOINT_FILE = "state.pt"
 RUN_NAME = "run"
@@ -186,7 +187,8 @@ def tune_report_callbacks() -> list:
 
 def export_final(result: ray.train.Result, files: FinalFiles, history: list[dict],
                  exclude: tuple[str, ...] = ()) -> str:
-    """Write the last checkpoint's state as ``model.pt`` and the history as ``metrics.json``
+    """Write the last checkpoint's state as ``model.pt``, its trunk as ``backbone.safetensors``
+    (torchvision's key names: :mod:`ultrasound.export`) and the history as ``metrics.json``
     through ``files`` (the job adds its own records, then calls ``files.complete()``); returns
     the model URI. ``exclude`` drops top-level keys of the state (e.g. ``("optimizer",)``: what
     resuming needs but a finished model does not)."""
@@ -194,11 +196,14 @@ def export_final(result: ray.train.Result, files: FinalFiles, history: list[dict
         raise TrainingError(f"training under {files.out.uri} produced no checkpoint")
     with result.checkpoint.as_directory() as folder:
         data = (Path(folder) / CHECKPOINT_FILE).read_bytes()
+    state = load_state(data, f"{files.out.uri} (last checkpoint)")
     if exclude:
-        state = load_state(data, f"{files.out.uri} (last checkpoint)")
         data = save_state({k: v for k, v in state.items() if k not in exclude})
     files.write("metrics.json", json.dumps(history, indent=1).encode())
-    return files.write("model.pt", data).uri
+    uri = files.write("model.pt", data).uri
+    if isinstance(state.get("model"), dict):
+        files.write(BACKBONE_FILE, backbone_safetensors(state["model"]))
+    return uri
 
 
 # -- inside a worker ---------------------------------------------------------------------

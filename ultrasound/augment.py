@@ -64,11 +64,21 @@ def resize_and_normalize(frames: torch.Tensor, image_size: int) -> torch.Tensor:
         - Input: ``(N, C, H, W)`` float in [0, 1].
         - Output: ``(N, C, image_size, image_size)``.
     """
+    return normalize_frames(resize_square(frames, image_size))
+
+
+def resize_square(frames: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Bilinear, antialiased resize to ``image_size`` square (a no-op at that size already).
+
+    Shape:
+        - Input: ``(N, C, H, W)`` float.
+        - Output: ``(N, C, image_size, image_size)``.
+    """
     if frames.ndim != 4:
         raise ValueError(f"frames must be (N, C, H, W), got shape {tuple(frames.shape)}")
     if tuple(frames.shape[-2:]) != (image_size, image_size):
         frames = TF.resize(frames, [image_size, image_size], antialias=True)
-    return normalize_frames(frames)
+    return frames
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:

@@ -54,15 +54,34 @@ def save_state(state: Any) -> bytes:
 
 
 def load_state(raw: bytes, source: str) -> Any:
-    """The object in a torch-saved ``raw`` (tensors on CPU), loaded with ``weights_only=True``.
+    """The object in a torch-saved ``raw`` (tensors on CPU), loaded with ``weights_only=True``,
+    or the tensor dict of a safetensors file (``backbone.safetensors``, ``msml.safetensors``:
+    tensors only, so it can never run code either).
 
     Raises CheckpointError naming ``source`` when the file needs more than plain data (a crafted
     pickle, a checkpoint holding custom classes) or is not a torch file at all.
     """
+    if is_safetensors(raw):
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(raw)
+        except (SafetensorError, ValueError) as err:
+            raise CheckpointError(f"{source}: not a readable safetensors file: {err}") from None
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as err:
         raise CheckpointError(f"{source}: not a plain state dict: {_reason(err)}") from None
+
+
+def is_safetensors(raw: bytes) -> bool:
+    """True for safetensors bytes: an 8-byte little-endian header length, then a JSON header.
+    (A torch file is a zip, ``PK...``, or a legacy pickle, ``\\x80...``.)"""
+    if len(raw) < 10:
+        return False
+    size = int.from_bytes(raw[:8], "little")
+    return 0 < size <= len(raw) - 8 and raw[8:9] == b"{"
 
 
 def _reason(err: Exception) -> str:

@@ -31,10 +31,9 @@ from torch.nn import functional as F
 
 from ultrasound.config import coerce_fields
 from ultrasound.backbone import FEATURE_DIM, ResNet18Backbone
+from ultrasound.augment import normalize_frames, resize_square, to_float_chw
 from ultrasound.losses.multilabel import AsymmetricLoss, WeightedBCE
 
-NORMALIZE_MEAN = 0.5
-NORMALIZE_STD = 0.25
 LOSSES = ("bce", "asymmetric")
 POS_WEIGHT_MODES = ("auto", "none")
 
@@ -299,12 +298,10 @@ def prepare_images(
         frames = frames[..., None]
     if frames.ndim != 4 or frames.shape[-1] not in (1, 3) or frames.shape[0] == 0:
         raise ValueError(f"images must be (N, H, W, C) with C in (1, 3), got {tuple(frames.shape)}")
-    x = frames.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    x = to_float_chw(frames)
     if x.shape[1] != channels:
         x = x.repeat(1, 3, 1, 1) if channels == 3 else x.mean(dim=1, keepdim=True)
-    if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
-                          align_corners=False)
+    x = resize_square(x, image_size)
     if augment_rng is not None:
         n = x.shape[0]
         flip = torch.from_numpy(augment_rng.random(n) < 0.5)
@@ -314,7 +311,7 @@ def prepare_images(
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * contrast[:, None, None, None] + mean) * brightness[:, None, None, None]
         x = x.clamp_(0.0, 1.0)
-    return (x - NORMALIZE_MEAN) / NORMALIZE_STD
+    return normalize_frames(x)
 
 
 def msml_train_step(

@@ -97,6 +97,7 @@ def test_two_worker_run_lowers_its_loss_and_beats_chance(msml_run):
 def test_report_matches_the_saved_model_on_frames_decoded_without_ray(msml_run, msml_phantom, storage):
     """Recompute the validation report from model.pt and the clips decoded locally."""
     from ultrasound import phantom
+    from ultrasound.checkpoint import load_state
     from ultrasound.msml import MSMLConfig, MSMLNet, msml_predict
     from ultrasound.multilabel_metrics import multilabel_report
     from ultrasound.video import FrameFormat, FrameSampling, decode_bytes
@@ -120,6 +121,13 @@ def test_report_matches_the_saved_model_on_frames_decoded_without_ray(msml_run, 
     assert (config.lr, config.image_size, config.channels) == (1e-3, 48, 1)  # YAML, then flags
     model = MSMLNet(config)
     model.load_state_dict(state["model"])
+    exported = MSMLNet(config)  # msml.safetensors + msml.json: the same classifier, nothing pickled
+    exported.load_state_dict(load_state(storage.read_bytes(out.join("msml.safetensors")), "msml.safetensors"))
+    meta = json.loads(storage.read_bytes(out.join("msml.json")))
+    assert (meta["findings"], meta["image_size"], meta["channels"]) == (list(config.findings), 48, 1)
+    assert meta["normalize"] == {"mean": 0.5, "std": 0.25}
+    backbone = load_state(storage.read_bytes(out.join("backbone.safetensors")), "backbone.safetensors")
+    assert backbone["conv1.weight"].shape == (64, 1, 7, 7) and not any(k.startswith("head.") for k in backbone)
     images, targets = [], []
     for vid in split["validation"]:
         spec = specs[vid]
@@ -130,6 +138,7 @@ def test_report_matches_the_saved_model_on_frames_decoded_without_ray(msml_run, 
             targets.append([int(spec.findings[f]) for f in config.findings])
     images, targets = np.stack(images), np.array(targets)
     expected = multilabel_report(targets, msml_predict(model, images, 48), list(config.findings))
+    assert np.allclose(msml_predict(exported, images, 48), msml_predict(model, images, 48), atol=1e-6)
     assert report["n_frames"] == len(images)
     assert report["map"] == pytest.approx(expected["map"], abs=1e-5)
     assert report["micro_f1"] == pytest.approx(expected["micro_f1"], abs=1e-9)
@@ -258,6 +267,15 @@ def test_init_loads_a_torchvision_state_dict_and_a_uscl_checkpoint(tmp_path, sto
     storage.check(location, create_bucket=True)
     storage.write_bytes(location, buffer.getvalue())
     backbone, missing = load_init_backbone(location.uri, 1, storage)
+    assert missing == []
+    for key, value in uscl.backbone.state_dict().items():
+        assert torch.equal(backbone[key], value), key
+
+    # the same trunk exported as backbone.safetensors (torchvision names) loads back to the same tensors
+    from ultrasound.export import backbone_safetensors
+
+    (tmp_path / "backbone.safetensors").write_bytes(backbone_safetensors(uscl.state_dict()))
+    backbone, missing = load_init_backbone(str(tmp_path / "backbone.safetensors"), 1, Storage())
     assert missing == []
     for key, value in uscl.backbone.state_dict().items():
         assert torch.equal(backbone[key], value), key

@@ -69,6 +69,30 @@ def test_two_worker_pretrain_lowers_the_loss(phantom16_uri, tmp_path):
     history = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in history] == list(range(8))
     assert [round(h["loss"], 6) for h in history] == result["loss"]
+    assert_backbone_export_matches(out, saved["model"], channels=1, image_size=32)
+
+
+def assert_backbone_export_matches(out, model_state: dict, channels: int, image_size: int) -> None:
+    """``backbone.safetensors`` loads into torchvision's ResNet-18 (only ``fc.*`` missing) and
+    gives sonoray's backbone features on the same input, to 1e-5."""
+    import torchvision
+    from safetensors.torch import load_file
+
+    from ultrasound.backbone import ResNet18Backbone
+
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    exported = load_file(str(out / "backbone.safetensors"))
+    assert exported["conv1.weight"].shape == (64, channels, 7, 7)
+    missing, unexpected = net.load_state_dict(exported, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    ours = ResNet18Backbone(in_channels=channels)
+    ours.load_state_dict({k.removeprefix("backbone."): v for k, v in model_state.items()
+                          if k.startswith("backbone.")})
+    net.fc = torch.nn.Identity()
+    x = torch.randn(3, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(x), ours.eval()(x), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -202,7 +226,7 @@ def test_a_driver_killed_mid_epoch_resumes_with_no_epoch_lost_or_repeated(phanto
     assert all(h["session_start"] == killed_after + 1 for h in history[killed_after + 1:])
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(history))
     marker = json.loads((out / "complete.json").read_text())
-    assert set(marker["files"]) == {"model.pt", "metrics.json", "pretrain.json"}
+    assert set(marker["files"]) == {"model.pt", "backbone.safetensors", "metrics.json", "pretrain.json"}
 
 
 def test_config_file_with_an_unknown_key_fails_naming_the_valid_ones(tmp_path, capsys):

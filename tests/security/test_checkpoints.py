@@ -95,3 +95,15 @@ def test_sonoray_state_round_trips_with_numpy_values_and_paths():
 def test_a_file_that_is_not_a_torch_file_is_refused_naming_it():
     with pytest.raises(CheckpointError, match=r"^junk\.pt: not a plain state dict: "):
         load_state(b"not a checkpoint", "junk.pt")
+
+
+def test_safetensors_weights_load_and_a_broken_one_is_refused_naming_it():
+    from safetensors.torch import save
+
+    from ultrasound.checkpoint import is_safetensors
+
+    raw = save({"conv1.weight": torch.arange(6.0).reshape(2, 3)})
+    assert is_safetensors(raw) and not is_safetensors(save_state({"w": torch.ones(1)}))
+    assert torch.equal(load_state(raw, "b.safetensors")["conv1.weight"], torch.arange(6.0).reshape(2, 3))
+    with pytest.raises(CheckpointError, match=r"^b\.safetensors: not a readable safetensors file: "):
+        load_state(raw[:-4], "b.safetensors")  # truncated: the header promises more bytes
