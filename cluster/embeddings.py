@@ -29,7 +29,7 @@ import ray
 
 from cluster.completion import check_model_file
 from cluster.dataset import IngestedDataset
-from cluster.frames import StreamSpec, frame_stream
+from cluster.frames import StreamSpec, collect_frames, frame_stream
 from cluster.storage import Location, Storage, parse_uri
 from ultrasound.checkpoint import load_state
 from ultrasound.video import FrameFormat, FrameSampling
@@ -205,27 +205,17 @@ def compute_samples(data: IngestedDataset, spec: SampleSpec, key: str, checkpoin
         column = "embedding"
     else:
         column = "image"
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in ("video_id", "patient_id", "frame_index", "findings", column)}
-    for batch in ds.select_columns(list(parts)).iter_batches(batch_size=None, batch_format="numpy"):
-        for name in parts:
-            parts[name].append(np.asarray(batch[name]))
-    if not parts[column]:
-        raise ValueError(f"{data.root.uri}: no frame could be decoded ({len(stream.failed())} videos failed)")
-    joined = {name: np.concatenate(values) for name, values in parts.items()}
-    position = {row["video_id"]: i for i, row in enumerate(data.rows)}
-    video_pos = np.array([position[str(v)] for v in joined["video_id"]], dtype=np.int64)
-    order = np.lexsort((joined["frame_index"], video_pos))
-    features = joined[column][order]
+    got = collect_frames(stream, data, ["patient_id", "findings", column], dataset=ds)
     return SampleTable(
         key=key,
         findings=tuple(data.findings),
-        video_id=joined["video_id"][order].astype(str),
-        patient_id=joined["patient_id"][order].astype(str),
-        frame_index=joined["frame_index"][order].astype(np.int64),
-        labels=np.rint(joined["findings"][order]).astype(np.uint8).reshape(len(order), len(data.findings)),
-        features=features.astype(np.float32) if spec.kind == "embeddings" else features.astype(np.uint8),
+        video_id=got["video_id"],
+        patient_id=got["patient_id"].astype(str),
+        frame_index=got["frame_index"],
+        labels=np.rint(got["findings"]).astype(np.uint8).reshape(len(got), len(data.findings)),
+        features=got[column].astype(np.float32) if spec.kind == "embeddings" else got[column].astype(np.uint8),
         kind=spec.kind,
-        skipped=tuple(stream.failed()),
+        skipped=tuple(got.failed),
     )
 
 

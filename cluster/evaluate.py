@@ -23,7 +23,7 @@ import torch
 
 from cluster.completion import check_model_file
 from cluster.dataset import IngestedDataset
-from cluster.frames import StreamSpec, frame_stream
+from cluster.frames import StreamSpec, collect_frames, frame_stream
 from cluster.storage import Storage, parse_uri
 from ultrasound.checkpoint import load_state
 from ultrasound.evaluation import (
@@ -185,33 +185,25 @@ def load_eval_frames(data: IngestedDataset, rows: Sequence[Mapping[str, Any]],
                      fps: float = POCUS_FPS, max_per_video: int | None = POCUS_MAX_PER_VIDEO,
                      cpus_per_task: float = StreamSpec.cpus_per_task, cache: bool = True) -> EvalFrames:
     """Stream the frames of ``rows`` (``fps`` per second, at most ``max_per_video``) resized to
-    ``image_size`` through Ray Data, and collect them on the driver, sorted by video and frame."""
+    ``image_size`` through Ray Data, and collect them on the driver (:func:`cluster.frames.collect_frames`)."""
     subset = data.select([r["video_id"] for r in rows])
     spec = StreamSpec(sampling=FrameSampling(fps=fps, max_per_video=max_per_video),
                       fmt=FrameFormat(channels=channels, size=image_size), mode="frames",
                       seed=0, cpus_per_task=cpus_per_task, cache=cache)
     stream = frame_stream(subset, spec)
-    columns = stream.dataset.select_columns(["video_id", "frame_index", "image"])
-    ids, index, images = [], [], []
-    for batch in columns.iter_batches(batch_size=None, batch_format="numpy"):
-        ids.append(np.asarray(batch["video_id"]).astype(str))
-        index.append(np.asarray(batch["frame_index"], dtype=np.int64))
-        images.append(np.asarray(batch["image"], dtype=np.uint8))
-    failed = stream.failed()
-    if not ids:
-        raise EvaluationError(f"no frame could be decoded from {len(rows)} videos: {failed[:3]}")
-    ids_all, index_all = np.concatenate(ids), np.concatenate(index)
-    order = np.lexsort((index_all, ids_all))
+    try:
+        got = collect_frames(stream, subset, ["image"])
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
     by_id = {str(r["video_id"]): r for r in rows}
     class_index = {c: i for i, c in enumerate(classes)}
-    ids_all = ids_all[order]
     return EvalFrames(
-        images=np.concatenate(images)[order],
-        labels=np.array([class_index[by_id[v]["label"]] for v in ids_all], dtype=np.int64),
-        video_ids=ids_all,
-        groups=np.array([split_group(by_id[v]) for v in ids_all]),
+        images=got["image"].astype(np.uint8),
+        labels=np.array([class_index[by_id[v]["label"]] for v in got["video_id"]], dtype=np.int64),
+        video_ids=got["video_id"],
+        groups=np.array([split_group(by_id[v]) for v in got["video_id"]]),
         classes=list(classes),
-        failed=failed,
+        failed=got.failed,
     )
 
 

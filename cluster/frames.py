@@ -372,6 +372,53 @@ def frame_stream(data: IngestedDataset, spec: StreamSpec) -> FrameStream:
 
 
 @dataclass
+class CollectedFrames:
+    """Frames held in memory: the collected ``columns`` (numpy arrays, one row per frame, in the
+    order :func:`collect_frames` gives) and the videos that yielded nothing (key, reason, times)."""
+
+    columns: dict[str, np.ndarray]
+    failed: list[dict]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    def __len__(self) -> int:
+        return len(self.columns["video_id"])
+
+
+def collect_frames(stream: FrameStream, data: IngestedDataset, columns: tuple[str, ...] | list[str],
+                   dataset: "ray.data.Dataset | None" = None) -> CollectedFrames:
+    """Every frame of ``dataset`` (default: the stream's own) on the driver, the named
+    ``columns`` as numpy arrays, sorted by the video's position in ``data``'s manifest, then by
+    frame index: the one order every job that holds frames in memory uses.
+
+    ``video_id`` and ``frame_index`` are always collected (``video_id`` as str). The failure
+    rule, the same everywhere: a video that yields no frame is listed in ``failed`` (the caller
+    reports it), and no frame at all raises ValueError naming the data set and the first reasons.
+
+    Shape: each column ``(N, ...)`` as the stream gives it (``image``: ``(N, S, S, C)`` uint8).
+    """
+    names = list(dict.fromkeys(["video_id", "frame_index", *columns]))
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    source = stream.dataset if dataset is None else dataset
+    for batch in source.select_columns(names).iter_batches(batch_size=None, batch_format="numpy"):
+        for name in names:
+            parts[name].append(np.asarray(batch[name]))
+    failed = stream.skipped_videos()
+    if not parts["video_id"]:
+        reasons = "; ".join(f"{f['key']}: {f['reason']}" for f in failed[:3])
+        raise ValueError(f"{data.root.uri}: no frame could be decoded from {stream.n_videos} videos"
+                         + (f" ({reasons})" if reasons else ""))
+    joined = {name: np.concatenate(values) for name, values in parts.items()}
+    joined["video_id"] = joined["video_id"].astype(str)
+    joined["frame_index"] = joined["frame_index"].astype(np.int64)
+    position = {str(row["video_id"]): i for i, row in enumerate(data.rows)}
+    video_pos = np.array([position[v] for v in joined["video_id"]], dtype=np.int64)
+    order = np.lexsort((joined["frame_index"], video_pos))
+    return CollectedFrames({name: values[order] for name, values in joined.items()}, failed)
+
+
+@dataclass
 class StreamSummary:
     videos: int
     frames: int

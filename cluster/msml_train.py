@@ -37,7 +37,7 @@ import torch
 from cluster.claim import claim_out
 from cluster.completion import FinalFiles
 from cluster.dataset import IngestedDataset
-from cluster.frames import StreamSpec, frame_stream
+from cluster.frames import StreamSpec, collect_frames, frame_stream
 from cluster.storage import Location, Storage, parse_uri
 from cluster.train import (
     MAX_FAILED_FRACTION,
@@ -135,32 +135,26 @@ class LabelledFrames:
     targets: np.ndarray
     video_ids: np.ndarray
     frame_index: np.ndarray
+    skipped: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
 
 
 def materialise_frames(data: IngestedDataset, spec: StreamSpec) -> LabelledFrames:
-    """Stream every sampled frame of ``data`` and keep them in memory (a small split only)."""
-    images, targets, videos, index = [], [], [], []
+    """Stream every sampled frame of ``data`` and keep them in memory (a small split only);
+    videos that yield no frame are in ``skipped`` (:func:`cluster.frames.collect_frames`)."""
     stream = frame_stream(data, spec)
-    for batch in stream.dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        images.append(batch["image"])
-        targets.append(np.asarray(batch["findings"]).reshape(len(batch["image"]), -1))
-        videos.append(np.asarray(batch["video_id"]).astype(str))
-        index.append(np.asarray(batch["frame_index"], dtype=np.int64))
-    failed = stream.failed()
-    if failed:
-        raise TrainingError(f"{len(failed)} validation video(s) could not be decoded: "
-                            + "; ".join(f"{f['key']}: {f['reason']}" for f in failed[:3]))
-    if not images:
-        raise TrainingError("the validation split yielded no frame")
-    order = np.lexsort((np.concatenate(index), np.concatenate(videos)))  # stable, readable order
+    try:
+        got = collect_frames(stream, data, ["image", "findings"])
+    except ValueError as err:
+        raise TrainingError(f"the validation split: {err}") from None
     return LabelledFrames(
-        images=np.concatenate(images)[order],
-        targets=np.rint(np.concatenate(targets)).astype(np.int64)[order],
-        video_ids=np.concatenate(videos)[order],
-        frame_index=np.concatenate(index)[order],
+        images=got["image"].astype(np.uint8),
+        targets=np.rint(got["findings"]).astype(np.int64).reshape(len(got), -1),
+        video_ids=got["video_id"],
+        frame_index=got["frame_index"],
+        skipped=got.failed,
     )
 
 
@@ -390,7 +384,7 @@ def run_msml_claimed(
     result = fit(msml_train_loop, loop_config, {"train": train_stream}, out.uri, options.scale,
                  resume=options.resume, storage=storage, keep_checkpoints=KEEP_CHECKPOINTS)
     raise_if_aborted(stream, out.uri)
-    skipped = stream.skipped_videos()
+    skipped = stream.skipped_videos() + [{**v, "split": "validation"} for v in validation.skipped]
     if result.checkpoint is None:
         raise TrainingError(f"training under {out.uri} produced no checkpoint")
     with result.checkpoint.as_directory() as folder:
@@ -406,8 +400,7 @@ def run_msml_claimed(
                   positive_weights=dict(zip(config.findings, weights.weights.tolist())),
                   init=options.init_uri, init_missing=init_missing, skipped_videos=skipped)
     report_uri = files.write(REPORT_FILE, json.dumps(report, indent=1).encode())
-    for name, data in msml_files(model.state_dict(), list(config.findings), config.image_size,
-                                 config.channels).items():
+    for name, data in msml_files(model.state_dict(), config.to_dict()).items():
         files.write(name, data)
     gradcams = save_gradcams(model, validation, probs, report, config, files, limit=options.gradcam)
     files.complete()

@@ -26,6 +26,8 @@ JOB_MODULES = [
     "jobs.evaluate",
     "jobs.submit",
     "jobs.msml",
+    "jobs.predict",
+    "jobs.query",
     "jobs.sweep",
 ]
 

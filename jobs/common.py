@@ -37,6 +37,35 @@ def add_stream_args(parser: argparse.ArgumentParser, training: bool = False) -> 
                                  "(default: %(default)g)")
 
 
+def add_embedding_args(parser: argparse.ArgumentParser, cache_default: str) -> None:
+    """How frames are sampled and embedded by a frozen trunk (simulate, query): one group, one
+    set of defaults (:class:`cluster.embeddings.SampleSpec`'s)."""
+    group = parser.add_argument_group("frames and embeddings")
+    group.add_argument("--init", default=None, metavar="CKPT",
+                       help="backbone checkpoint URI: model.pt or backbone.safetensors (default: random init)")
+    group.add_argument("--fps", type=float, default=3.0, help="frames kept per second (default 3; 0 = all)")
+    group.add_argument("--max-per-video", type=int, default=30, help="frames per video at most (30; 0 = no cap)")
+    group.add_argument("--size", type=int, default=224, help="frame side for the trunk (224)")
+    group.add_argument("--channels", type=int, choices=[1, 3], default=3, help="trunk input channels (3)")
+    group.add_argument("--embed-seed", type=int, default=0, help="seed of a random-init trunk (0)")
+    group.add_argument("--embed-workers", type=int, default=None, help="embedding actors at most")
+    group.add_argument("--embed-gpu", action="store_true", help="embed on GPUs")
+    group.add_argument("--cache", default=None, metavar="URI", help=f"embeddings cache (default {cache_default})")
+
+
+def sample_spec_from(args: argparse.Namespace):
+    """The :class:`cluster.embeddings.SampleSpec` of :func:`add_embedding_args`' flags."""
+    from cluster.embeddings import SampleSpec
+    from jobs.output import UserError
+
+    try:
+        return SampleSpec(fps=args.fps or None, max_per_video=args.max_per_video or None, size=args.size,
+                          channels=args.channels, init=args.init, seed=args.embed_seed,
+                          workers=args.embed_workers, gpu=args.embed_gpu, frame_cache=not args.no_cache)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+
+
 def add_json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON result object last on stdout")
 

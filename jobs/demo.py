@@ -16,7 +16,7 @@ from typing import TextIO
 
 from jobs.output import emit_json, human_stream, progress
 
-STAGES = ("frames", "pretrain", "msml", "simulate", "sweep")
+STAGES = ("frames", "pretrain", "msml", "predict", "simulate", "query", "sweep")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -93,6 +93,21 @@ def run(args: argparse.Namespace) -> int:
 
             return demo_stage(data_uri, work_uri, storage=storage)
 
+        def predict_stage() -> dict:
+            from jobs.predict import demo_stage
+
+            if "msml" not in summary["stages"]:
+                raise UserError("--stages: predict needs the msml stage (it scores with that run's model)")
+            new_dir = out / "phantom-unseen"  # clips the model never saw, as a plain folder of videos
+            phantom.make_dataset(new_dir, 8, seed=1, n_frames=32, size=96)
+            (new_dir / "manifest.csv").unlink()
+            return demo_stage(summary["stages"]["msml"]["checkpoint"], str(new_dir), work_uri, storage)
+
+        def query_stage() -> dict:
+            from jobs.query import demo_stage
+
+            return demo_stage(data_uri, work_uri, storage)
+
         def simulate_stage() -> dict:
             from jobs.simulate import demo_stage
 
@@ -104,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
             return demo_stage(data_uri, work_uri, storage=storage)
 
         for name, fn in (("frames", frames_stage), ("pretrain", pretrain_stage), ("msml", msml_stage),
-                         ("simulate", simulate_stage), ("sweep", sweep_stage)):
+                         ("predict", predict_stage), ("simulate", simulate_stage), ("query", query_stage),
+                         ("sweep", sweep_stage)):
             stage(name, fn)
 
     summary["work_dir"] = work_uri
@@ -145,11 +161,21 @@ def print_table(summary: dict, out: TextIO = sys.stdout) -> None:
         loss = m.get("loss") or []
         say(f"  msml      {m.get('epochs')} epochs, loss {_fmt(loss[0]) if loss else '?'} -> "
               f"{_fmt(loss[-1]) if loss else '?'}, mAP {_fmt(m.get('map'))}, macro-F1 {_fmt(m.get('macro_f1'))}")
+    if "predict" in s:
+        pr = s["predict"]
+        best = {name: rows[0]["video_id"] for name, rows in pr["top_videos"].items() if rows}
+        say(f"  predict   {pr['videos']} unseen videos, {pr['frames']} frames scored -> {pr['out']}; "
+            f"{len(pr['files']['gradcam'])} Grad-CAM overlays")
+        say(f"            top video per finding: {best}")
     if "simulate" in s:
         sim = s["simulate"]
         say(f"  simulate  {sim.get('experiments')} experiments, {sim.get('rounds')} rounds; report {sim.get('report')}")
         for name, row in (sim.get("strategies") or {}).items():
             say(f"            {name:<14} AULC {_fmt(row.get('aulc'))}  final mAP {_fmt(row.get('final_map'))}")
+    if "query" in s:
+        q = s["query"]
+        say(f"  query     {q['strategy']}, {q['labelled_videos']} labelled: label next {q['next']} "
+            f"(+{q['machine_proposals']} machine proposals) -> {q['out']}")
     if "sweep" in s:
         sw = s["sweep"]
         say(f"  sweep     {sw.get('completed')}/{sw.get('trials')} trials, best {_fmt(sw.get('best_metric'))} "

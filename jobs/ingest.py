@@ -18,10 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("video_dir", metavar="VIDEO_DIR")
     p.add_argument("--to", required=True, metavar="URI", help="data set root: s3://bucket/prefix or a path")
-    p.add_argument("--manifest", metavar="CSV", help="generic CSV manifest (column 'path' relative to VIDEO_DIR)")
+    p.add_argument("--manifest", metavar="CSV", help="generic manifest, CSV or Parquet (column 'path' relative to VIDEO_DIR)")
     p.add_argument("--format", choices=["generic", "pocus"], default="generic",
                    help="'pocus' reads the upstream POCUS layout (dataset_metadata.csv + videos/)")
-    p.add_argument("--labels", metavar="COL,COL", help="finding columns (multi-label targets, 0/1 yes/no true/false)")
+    p.add_argument("--labels", metavar="COL,COL", help="finding columns (multi-label targets, 0/1 yes/no true/false), or 'auto': every "
+                   "column whose values are all such")
     p.add_argument("--label-col", default="label", help="class-label column (default: label)")
     p.add_argument("--patient-col", default="patient_id", help="patient column (default: patient_id)")
     add_storage_args(p)
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         records, skipped, findings = parse_generic_manifest(
             args.manifest,
             args.video_dir,
-            findings=csv_list(args.labels),
+            findings=args.labels if args.labels == "auto" else csv_list(args.labels),
             label_col=args.label_col,
             patient_col=args.patient_col,
         )

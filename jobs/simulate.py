@@ -14,12 +14,14 @@ from typing import Any
 
 from jobs.common import (
     add_config_args,
+    add_embedding_args,
     add_json_arg,
     add_ray_args,
     add_storage_args,
     add_stream_args,
     connect_ray,
     csv_list,
+    sample_spec_from,
     storage_from,
 )
 from jobs.output import UserError, emit_json, human_stream, progress
@@ -58,7 +60,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["embeddings", "finetune"], default=None,
                    help="embeddings: head on frozen embeddings (default); finetune: MSML retrained each round")
     p.add_argument("--labels", type=csv_list, default=None, help="finding columns (default: all)")
-    p.add_argument("--init", default=None, metavar="CKPT", help="backbone checkpoint URI (default: random init)")
     p.add_argument("--noise", type=float, default=None, help="annotator error: per-label flip rate (0)")
     p.add_argument("--cost-unit", choices=["frame", "video"], default=None, help="what one label costs (frame)")
     p.add_argument("--query-unit", choices=["frame", "video"], default=None,
@@ -74,15 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-fraction", type=float, default=None, help="held-out share of patients (0.25)")
     p.add_argument("--embedding-dims", type=int, default=None,
                    help="project embeddings on their top K principal components (default: no projection)")
-    sampling = p.add_argument_group("frames and embeddings")
-    sampling.add_argument("--fps", type=float, default=3.0, help="frames kept per second (default 3; 0 = all)")
-    sampling.add_argument("--max-per-video", type=int, default=30, help="frames per video at most (30; 0 = no cap)")
-    sampling.add_argument("--size", type=int, default=224, help="frame side for the trunk (224)")
-    sampling.add_argument("--channels", type=int, choices=[1, 3], default=3, help="trunk input channels (3)")
-    sampling.add_argument("--embed-seed", type=int, default=0, help="seed of a random-init trunk (0)")
-    sampling.add_argument("--embed-workers", type=int, default=None, help="embedding actors at most")
-    sampling.add_argument("--embed-gpu", action="store_true", help="embed on GPUs")
-    sampling.add_argument("--cache", default=None, metavar="URI", help="embeddings cache (default <out>/cache)")
+    add_embedding_args(p, cache_default="<out>/cache")
     run = p.add_argument_group("execution")
     run.add_argument("--cpus-per-experiment", type=float, default=0.5, help="CPUs per experiment task (0.5)")
     run.add_argument("--gpus-per-experiment", type=float, default=0.0, help="GPUs per experiment task (0)")
@@ -122,17 +115,6 @@ def config_from_args(args: argparse.Namespace, storage) -> Any:
     except (TypeError, ValueError) as err:
         where = f" in {args.config}" if args.config else ""
         raise UserError(f"bad simulation settings{where}: {err}") from err
-
-
-def sample_spec_from(args: argparse.Namespace) -> Any:
-    from cluster.embeddings import SampleSpec
-
-    try:
-        return SampleSpec(fps=args.fps or None, max_per_video=args.max_per_video or None, size=args.size,
-                          channels=args.channels, init=args.init, seed=args.embed_seed,
-                          workers=args.embed_workers, gpu=args.embed_gpu, frame_cache=not args.no_cache)
-    except ValueError as err:
-        raise UserError(str(err)) from err
 
 
 def run_simulate(args: argparse.Namespace) -> int:

@@ -67,13 +67,15 @@ def backbone_safetensors(model_state: Mapping[str, torch.Tensor]) -> bytes:
                                              "format": "pt"})
 
 
-def msml_files(model_state: Mapping[str, torch.Tensor], findings: list[str], image_size: int,
-               channels: int) -> dict[str, bytes]:
-    """``msml.safetensors`` (the whole MSML network, its own key names) and ``msml.json``."""
+def msml_files(model_state: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, bytes]:
+    """``msml.safetensors`` (the whole MSML network, its own key names) and ``msml.json``:
+    ``config`` (an :class:`ultrasound.msml.MSMLConfig` as a dict: findings, image size, channels
+    and the head's settings, enough to rebuild the network) plus the input normalisation."""
     state = {key: value.detach().to("cpu").contiguous().clone() for key, value in model_state.items()}
-    meta = {"architecture": "sonoray-msml-resnet18", "findings": list(findings), "image_size": int(image_size),
-            "channels": int(channels), "normalize": {"mean": NORMALIZE_MEAN, "std": NORMALIZE_STD},
+    findings = list(config["findings"])
+    meta = {"architecture": "sonoray-msml-resnet18", "findings": findings, "image_size": int(config["image_size"]),
+            "channels": int(config["channels"]), "normalize": {"mean": NORMALIZE_MEAN, "std": NORMALIZE_STD},
             "input": "uint8 frames / 255, resized to image_size, then (x - mean) / std",
-            "output": "one logit per finding; sigmoid for probabilities"}
+            "output": "one logit per finding; sigmoid for probabilities", "config": dict(config)}
     return {MSML_FILE: save_safetensors(state, metadata={"format": "pt", "findings": json.dumps(findings)}),
-            MSML_META_FILE: json.dumps(meta, indent=1).encode()}
+            MSML_META_FILE: json.dumps(meta, indent=1, default=list).encode()}

@@ -146,30 +146,84 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return [h.strip() for h in header], rows
 
 
+AUTO = "auto"  # findings=AUTO: every column whose values are all finding values
+
+
+def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """A Parquet manifest as :func:`_read_csv` gives a CSV: header, then (row, cells as text).
+    Rows count from 1 (a Parquet file has no header row); nulls read as empty cells, booleans as
+    true/false and whole floats (1.0, what pandas writes for a column with gaps) as integers."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise ManifestError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
+
+    def text(value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
+
+    columns = table.to_pydict()
+    header = [str(name).strip() for name in table.column_names]
+    rows = [(n + 1, [text(columns[name][n]) for name in table.column_names]) for n in range(table.num_rows)]
+    return header, [(n, row) for n, row in rows if any(c.strip() for c in row)]
+
+
+def read_manifest_table(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and rows of a CSV or Parquet (``.parquet``/``.pq``) manifest, cells as text."""
+    path = Path(path)
+    return _read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else _read_csv(path)
+
+
+def finding_columns(header: list[str], rows: list[tuple[int, list[str]]], exclude: set[str]) -> list[str]:
+    """``--labels auto``: the columns (other than ``exclude``) with at least one value and
+    every non-empty value a finding value (0/1, yes/no, true/false), in header order."""
+    found = []
+    for i, name in enumerate(header):
+        if name in exclude:
+            continue
+        values = [row[i].strip().lower() for _, row in rows if i < len(row) and row[i].strip()]
+        if values and all(v in _TRUE or v in _FALSE for v in values):
+            found.append(name)
+    return found
+
+
 def parse_generic_manifest(
     csv_path: str | Path,
     video_dir: str | Path,
     *,
-    findings: list[str] | None = None,
+    findings: list[str] | str | None = None,
     label_col: str = "label",
     patient_col: str = "patient_id",
 ) -> tuple[list[VideoRecord], list[SkippedRow], list[str]]:
-    """Read a generic CSV manifest.
+    """Read a generic manifest, CSV or Parquet (the same columns either way).
 
     Returns ``(records, skipped, finding_names)``. Rows whose video file is missing are skipped
     and reported; a bad finding value, a path escaping ``video_dir``, a duplicate video or an
     unknown column is an error (``ManifestError``) naming file, row, column and value.
-    ``findings=None`` takes no finding columns.
+    ``findings=None`` takes no finding columns; ``findings="auto"`` takes every column whose
+    values are all finding values (:func:`finding_columns`).
     """
     csv_path, root = Path(csv_path), Path(video_dir)
     if not csv_path.is_file():
         raise ManifestError(f"manifest {csv_path} does not exist")
     if not root.is_dir():
         raise ManifestError(f"video folder {root} does not exist")
-    header, rows = _read_csv(csv_path)
+    header, rows = read_manifest_table(csv_path)
     columns = {name: i for i, name in enumerate(header)}
     if "path" not in columns:
         raise ManifestError(f"{csv_path}: no 'path' column (columns: {', '.join(header)})")
+    if findings == AUTO:
+        findings = finding_columns(header, rows, {"path", "video_id", label_col, patient_col, "probe"})
+        if not findings:
+            raise ManifestError(f"{csv_path}: --labels auto found no finding column (one whose values are all "
+                                f"0/1, yes/no or true/false); columns: {', '.join(header)}")
     finding_names = list(findings or [])
     for name in finding_names:
         if name not in columns:
@@ -286,3 +340,53 @@ def parse_pocus(video_dir: str | Path) -> tuple[list[VideoRecord], list[SkippedR
         if name not in used and not any(s.path == rel for s in skipped):
             skipped.append(SkippedRow(0, rel, "video file has no row in dataset_metadata.csv"))
     return records, skipped, list(POCUS_FINDINGS)
+
+
+def parse_video_folder(video_dir: str | Path) -> list[VideoRecord]:
+    """Every video file under ``video_dir`` (recursively, by suffix), no labels: what
+    ``sonoray predict --data VIDEO_DIR`` scores. ``video_id`` is the relative path without its
+    suffix, ``/`` written as ``__`` (unique within the folder). Raises ManifestError when the
+    folder holds no video."""
+    root = Path(video_dir)
+    if not root.is_dir():
+        raise ManifestError(f"{root}: not a folder")
+    records = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES and not path.name.startswith("."):
+            rel = path.relative_to(root).as_posix()
+            video_id = rel.rsplit(".", 1)[0].replace("/", "__")
+            records.append(VideoRecord(video_id=check_video_id(video_id, file=root, row=len(records) + 1), path=rel))
+    if not records:
+        raise ManifestError(f"{root}: no video file ({', '.join(VIDEO_SUFFIXES)}) in it")
+    return records
+
+
+def parse_label_sheet(csv_path: str | Path, findings: list[str] | tuple[str, ...],
+                      known_video_ids: set[str] | frozenset[str]) -> dict[str, list[int]]:
+    """The annotators' answers: a CSV with ``video_id`` and one column per finding (1/0,
+    yes/no, true/false), as ``sonoray query --labelled`` takes it back. Other columns (notes,
+    an annotation tool's own) are ignored.
+
+    Returns video_id -> the finding values in ``findings`` order. A missing column, an unknown
+    or repeated video, or a value that is not a finding value raises ManifestError naming the
+    file, the row, the column and the value.
+    """
+    path = Path(csv_path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such file")
+    header, rows = _read_csv(path)
+    columns = {name: i for i, name in enumerate(header)}
+    missing = [c for c in ("video_id", *findings) if c not in columns]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {missing}; it needs video_id and one column per finding "
+                            f"({', '.join(findings)})")
+    out: dict[str, list[int]] = {}
+    for line, row in rows:
+        cells = row + [""] * (len(header) - len(row))
+        video_id = cells[columns["video_id"]].strip()
+        if video_id not in known_video_ids:
+            raise ManifestError(f"{path}: row {line}, column 'video_id': {video_id!r} is not a video of the data set")
+        if video_id in out:
+            raise ManifestError(f"{path}: row {line}, column 'video_id': {video_id!r} is labelled twice")
+        out[video_id] = [parse_finding(cells[columns[f]], file=path, row=line, column=f) for f in findings]
+    return out

@@ -111,3 +111,27 @@ def test_pocus_ingest_reports_exactly_the_rows_it_skipped(pocus_uri_result):
     assert skipped[124] == "malformed finding 'Effusion': value ''"
     assert {skipped[r] for r in (294, 373, 374, 375)} == {"video file absent"}
     assert all(reason for reason in skipped.values())
+
+
+def test_a_parquet_manifest_ingests_like_its_csv_twin_and_labels_auto_finds_the_findings(
+        tmp_path, phantom_dir, phantom_uri, s3_server, storage):
+    import pandas as pd
+
+    twin = tmp_path / "manifest.parquet"
+    table = pd.read_csv(phantom_dir / "manifest.csv", dtype=str)
+    table.to_parquet(twin, index=False)
+    code, result = run_cli(main, ["ingest", str(phantom_dir), "--manifest", str(twin), "--labels", "auto",
+                                  "--to", "s3://sonoray-test/parquet-twin", "--json"])
+    assert code == 0 and result["ingested"] == 8
+    from_csv = load_dataset(phantom_uri, storage)
+    from_parquet = load_dataset("s3://sonoray-test/parquet-twin", storage)
+    assert from_parquet.findings == list(phantom.FINDINGS) == from_csv.findings
+    assert from_parquet.rows == from_csv.rows
+    # a typed Parquet file (booleans, nullable floats) reads the same
+    typed = table.copy()
+    for name in phantom.FINDINGS:
+        typed[name] = typed[name] == "yes"
+    typed.to_parquet(twin, index=False)
+    code, _ = run_cli(main, ["ingest", str(phantom_dir), "--manifest", str(twin), "--labels", "auto",
+                             "--to", "s3://sonoray-test/parquet-typed", "--json"])
+    assert code == 0 and load_dataset("s3://sonoray-test/parquet-typed", storage).rows == from_csv.rows

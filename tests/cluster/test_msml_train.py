@@ -322,3 +322,60 @@ def test_init_names_a_missing_or_foreign_file(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="list.pt: not a state dict"):
         load_init_backbone(str(tmp_path / "list.pt"), 1, Storage())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_predict_ranks_held_out_clips_with_a_finding_above_those_without(msml_run, tmp_path, storage):
+    """`sonoray predict` on a folder of phantom clips the run never saw: one row per video, and
+    the video scores rank clips with each finding above clips without it."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from jobs.cli import main
+    from ultrasound import phantom
+
+    folder = tmp_path / "held_out"
+    specs = phantom.plan_dataset(16, seed=SEED + 100, n_frames=16, size=48)
+    phantom.make_dataset(folder, 16, seed=SEED + 100, n_frames=16, size=48)
+    (folder / "manifest.csv").unlink()  # a plain folder of videos: no manifest, no labels
+    out = tmp_path / "predicted"
+    code, result = run_cli(main, ["predict", "--model", msml_run["_out"], "--data", str(folder),
+                                  "--out", str(out), "--fps", "4", "--gradcam", "3", "--json"])
+    assert code == 0
+    videos = pd.read_parquet(out / "videos.parquet")
+    frames = pd.read_parquet(out / "frames.parquet")
+    assert len(videos) == 16 == result["videos"] and videos["video_id"].is_unique
+    assert frames.groupby("video_id").size().to_dict() == videos.set_index("video_id")["n_frames"].to_dict()
+    assert pd.read_csv(out / "videos.csv")["video_id"].tolist() == videos["video_id"].tolist()
+    by_path = {f"videos/{s.relative_path}": s for s in specs}
+    aucs = {}
+    for name in phantom.FINDINGS:
+        truth = [int(by_path[k].findings[name]) for k in videos["key"]]
+        assert videos[name].to_numpy() == pytest.approx(
+            frames.groupby("video_id")[name].mean().reindex(videos["video_id"]).to_numpy(), abs=1e-6)
+        if 0 < sum(truth) < len(truth):
+            aucs[name] = roc_auc_score(truth, videos[name])
+    print(f"held-out video AUC per finding: {aucs}")
+    assert len(aucs) >= 3 and float(np.mean(list(aucs.values()))) > 0.8, aucs
+    pngs = sorted((out / "gradcam").glob("*.png"))
+    assert len(pngs) == 3 == len(result["files"]["gradcam"])
+    image = cv2.imread(str(pngs[0]))
+    assert image.shape == (224, 448, 3)  # the frame beside its overlay, at 224 px a side
+    assert json.loads((out / "complete.json").read_text())["files"].keys() >= {"frames.parquet", "videos.csv"}
+
+
+def test_predict_names_a_missing_or_foreign_model_before_any_work(tmp_path, capsys):
+    from jobs.cli import main
+
+    (tmp_path / "videos").mkdir()
+    code = main(["predict", "--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "videos"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("sonoray: error: --model: no MSML model at ")
+    torch.save({"model": {"stem.0.weight": torch.zeros(1)}}, tmp_path / "backbone.pt")
+    code = main(["predict", "--model", str(tmp_path / "backbone.pt"), "--data", str(tmp_path / "videos"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "backbone.pt: not an MSML model" in err[-1]
+    assert not (tmp_path / "out").exists()

@@ -325,3 +325,34 @@ def test_machine_cap_defaults_to_the_round_budget():
         SimulationConfig.from_mapping({"max_machine_per_round": "lots"})
     # the machine stream alone, and the query stream alone, are arms of their own
     assert config.strategy("self_training").name == "random" and config.strategy("mlm").name == "mlm"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_query_writes_the_next_videos_never_a_labelled_one(ray_cluster, phantom_uri, cache_uri, storage, tmp_path):
+    """`sonoray query` on the phantom pool with 3 videos labelled: next.csv holds the budget's
+    distinct unlabelled videos as human rows, and the answers sheet round-trips as --labelled."""
+    import pandas as pd
+
+    from ultrasound import phantom
+
+    data = load_dataset(phantom_uri, storage)
+    ids = [r["video_id"] for r in data.rows]
+    sheet = tmp_path / "labelled.csv"
+    pd.DataFrame([{"video_id": v, **{f: int(r[f]) for f in phantom.FINDINGS}}
+                  for v, r in zip(ids[:3], data.rows[:3])]).to_csv(sheet, index=False)
+    out = tmp_path / "next.csv"
+    code, result = run_cli(main, ["query", "--data", phantom_uri, "--labelled", str(sheet), "--budget", "3",
+                                  "--out", str(out), "--cache", cache_uri, *SAMPLING, "--json"])
+    assert code == 0
+    table = pd.read_csv(out)
+    human = table[table["stream"] == "human"]
+    assert human["rank"].tolist() == [1, 2, 3] and human["video_id"].is_unique
+    assert not set(human["video_id"]) & set(ids[:3]) and set(human["video_id"]) <= set(ids)
+    assert human["video_id"].tolist() == result["next"]
+    assert set(table.columns) >= {"video_id", "key", "score", "rank", "confidence",
+                                  *phantom.FINDINGS, *(f"{f}_p" for f in phantom.FINDINGS)}
+    assert (table[table["stream"] == "machine"]["video_id"].isin(ids[3:])).all()
+    code, _ = run_cli(main, ["query", "--data", phantom_uri, "--labelled", str(tmp_path / "none.csv"),
+                             "--budget", "3", "--out", str(out), "--cache", cache_uri, *SAMPLING])
+    assert code == 2

@@ -26,7 +26,7 @@ def test_demo_runs_every_stage_and_prints_its_table(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=1440)
     assert done.returncode == 0, done.stderr[-4000:]
     table = done.stderr[done.stderr.index("sonoray demo: results"):]  # with --json, humans read stderr
-    for row in ("ingest", "frames", "pretrain", "evaluate", "msml", "simulate", "sweep", "total"):
+    for row in ("ingest", "frames", "pretrain", "evaluate", "msml", "predict", "simulate", "query", "sweep", "total"):
         assert f"  {row}" in table, row
     summary = json.loads(done.stdout)  # and stdout is the one JSON object, whole
     stages = summary["stages"]
@@ -38,6 +38,11 @@ def test_demo_runs_every_stage_and_prints_its_table(tmp_path):
     assert 0 <= stages["pretrain"]["uscl"]["accuracy"] <= 1
     msml = stages["msml"]
     assert msml["loss"][-1] < msml["loss"][0] and 0 < msml["map"] <= 1
+    predicted = stages["predict"]
+    assert predicted["videos"] == 8 and Path(predicted["files"]["videos.csv"]).is_file()
+    assert len(predicted["files"]["gradcam"]) == 3 and all(Path(p).is_file() for p in predicted["files"]["gradcam"])
+    query = stages["query"]
+    assert len(query["next"]) == 4 == len(set(query["next"])) and Path(query["out"]).is_file()
     assert Path(stages["simulate"]["report"]).is_file()
     assert set(stages["simulate"]["strategies"]) >= {"tsal", "random"}
     sweep = stages["sweep"]

@@ -62,9 +62,10 @@ def test_only_the_trunk_is_exported_and_a_state_without_one_is_refused():
 def test_msml_files_round_trip_the_classifier_and_describe_its_input():
     config = MSMLConfig(findings=("a_lines", "b_lines"), image_size=32, channels=1)
     model = _trained_looking(MSMLNet(config), seed=9)
-    files = msml_files(model.state_dict(), list(config.findings), 32, 1)
+    files = msml_files(model.state_dict(), config.to_dict())
     meta = json.loads(files["msml.json"])
     assert meta["findings"] == ["a_lines", "b_lines"] and (meta["image_size"], meta["channels"]) == (32, 1)
+    assert MSMLConfig.from_dict(meta["config"]) == config
     again = MSMLNet(config)
     again.load_state_dict(load_state(files["msml.safetensors"], "msml.safetensors"))
     x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
