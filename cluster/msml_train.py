@@ -39,6 +39,7 @@ from cluster.completion import FinalFiles
 from cluster.dataset import IngestedDataset
 from cluster.frames import StreamSpec, collect_frames, frame_stream
 from cluster.storage import Location, Storage, parse_uri
+from cluster.tracking import TrackedRun, TrackerSpec
 from cluster.train import (
     MAX_FAILED_FRACTION,
     RUN_NAME,
@@ -309,6 +310,7 @@ class MSMLRunOptions:
     gradcam: int = 6
     cache: bool = True
     max_failed_fraction: float = MAX_FAILED_FRACTION
+    tracker: TrackerSpec | None = None
 
 
 def run_msml(data: IngestedDataset, config: MSMLConfig, options: MSMLRunOptions, storage: Storage | None = None,
@@ -381,29 +383,34 @@ def run_msml_claimed(
     }
     on_progress(f"msml: training {config.epochs} epochs on {options.scale.workers} worker(s)"
                 f"{' with GPUs' if options.scale.gpu else ''}, writing to {out.uri}")
-    result = fit(msml_train_loop, loop_config, {"train": train_stream}, out.uri, options.scale,
-                 resume=options.resume, storage=storage, keep_checkpoints=KEEP_CHECKPOINTS)
-    raise_if_aborted(stream, out.uri)
-    skipped = stream.skipped_videos() + [{**v, "split": "validation"} for v in validation.skipped]
-    if result.checkpoint is None:
-        raise TrainingError(f"training under {out.uri} produced no checkpoint")
-    with result.checkpoint.as_directory() as folder:
-        final = read_checkpoint_folder(folder)
-    history = final["history"]
-    files = FinalFiles(out, storage)
-    checkpoint_uri = export_final(result, files, history, exclude=("optimizer",))
-    model = MSMLNet(config)
-    model.load_state_dict(final["model"])
-    probs = msml_predict(model, validation.images, config.image_size)
-    report = validation_report(validation.targets, probs, list(config.findings), trained)
-    report.update(epochs=int(final["epoch"]), config=config.to_dict(), split=split.as_dict(),
-                  positive_weights=dict(zip(config.findings, weights.weights.tolist())),
-                  init=options.init_uri, init_missing=init_missing, skipped_videos=skipped)
-    report_uri = files.write(REPORT_FILE, json.dumps(report, indent=1).encode())
-    for name, data in msml_files(model.state_dict(), config.to_dict()).items():
-        files.write(name, data)
-    gradcams = save_gradcams(model, validation, probs, report, config, files, limit=options.gradcam)
-    files.complete()
+    params = {"job": "msml", "config": config.to_dict(), "data": data.root.uri, "init": options.init_uri,
+              "fps": options.fps, "max_per_video": options.max_per_video, "workers": options.scale.workers}
+    with TrackedRun(options.tracker, params) as tracked:
+        result = fit(msml_train_loop, loop_config, {"train": train_stream}, out.uri, options.scale,
+                     resume=options.resume, storage=storage, keep_checkpoints=KEEP_CHECKPOINTS,
+                     tracking=tracked.spec)
+        raise_if_aborted(stream, out.uri)
+        skipped = stream.skipped_videos() + [{**v, "split": "validation"} for v in validation.skipped]
+        if result.checkpoint is None:
+            raise TrainingError(f"training under {out.uri} produced no checkpoint")
+        with result.checkpoint.as_directory() as folder:
+            final = read_checkpoint_folder(folder)
+        history = final["history"]
+        files = FinalFiles(out, storage)
+        checkpoint_uri = export_final(result, files, history, exclude=("optimizer",))
+        model = MSMLNet(config)
+        model.load_state_dict(final["model"])
+        probs = msml_predict(model, validation.images, config.image_size)
+        report = validation_report(validation.targets, probs, list(config.findings), trained)
+        report.update(epochs=int(final["epoch"]), config=config.to_dict(), split=split.as_dict(),
+                      positive_weights=dict(zip(config.findings, weights.weights.tolist())),
+                      init=options.init_uri, init_missing=init_missing, skipped_videos=skipped)
+        report_uri = files.write(REPORT_FILE, json.dumps(report, indent=1).encode())
+        for name, blob in msml_files(model.state_dict(), config.to_dict()).items():
+            files.write(name, blob)
+        gradcams = save_gradcams(model, validation, probs, report, config, files, limit=options.gradcam)
+        files.complete()
+        tracked.attach(files)
     on_progress(f"msml: validation mAP {report['map']:.3f} (chance {report['chance_map']:.3f}), "
                 f"macro-F1 {report['macro_f1']:.3f}, micro-F1 {report['micro_f1']:.3f}, "
                 f"hamming {report['hamming_loss']:.3f}; {len(gradcams)} Grad-CAM overlays")

@@ -43,6 +43,7 @@ from cluster.dataset import IngestedDataset
 from cluster.evaluate import HoldoutSpec
 from cluster.frames import StreamSpec, frame_stream
 from cluster.storage import Storage, parse_uri
+from cluster.tracking import TrackedRun, TrackerSpec
 from cluster.train import (
     MAX_FAILED_FRACTION,
     RUN_NAME,
@@ -194,6 +195,7 @@ def pretrain_claimed(
     storage: Storage | None = None, loop_extras: Mapping[str, Any] | None = None,
     datasets: Mapping[str, ray.data.Dataset] | None = None, decode_cpus: float | None = None,
     cache: bool = True, max_failed_fraction: float = MAX_FAILED_FRACTION,
+    tracker: TrackerSpec | None = None,
 ) -> PretrainResult:
     """Pretrain on every video of ``data``; returns the per-epoch history and ``<out>/model.pt``.
 
@@ -209,6 +211,7 @@ def pretrain_claimed(
         decode_cpus: CPU share of one decode task (default: :func:`default_decode_cpus`).
         cache: read (and fill) the decoded-frame cache beside the data set.
         max_failed_fraction: stop when an epoch loses more than this share of the videos.
+        tracker: log the settings, every epoch and the final files to MLflow / TensorBoard.
     """
     storage = storage or Storage()
     if cfg.batch_videos < scale.workers:
@@ -244,17 +247,19 @@ def pretrain_claimed(
         "max_failed_fraction": float(max_failed_fraction),
         **dict(loop_extras or {}),
     }
-    result = fit(pretrain_loop, loop_config, dict(datasets), out_uri, scale, resume=resume,
-                 storage=storage, keep_checkpoints=KEEP_CHECKPOINTS)
-    raise_if_aborted(stream, out.uri)
-    with result.checkpoint.as_directory() as folder:
-        final = read_checkpoint_folder(folder)
-    history = list(final["history"])
-    files = FinalFiles(out, storage)
-    uri = export_final(result, files, history, exclude=("optimizer",))
-    skipped = stream.skipped_videos() if stream is not None else []
-    files.write(RUN_SPEC_FILE, json.dumps({**spec, "skipped_videos": skipped}, indent=1).encode())
-    files.complete()
+    with TrackedRun(tracker, {"job": "pretrain", **spec}) as tracked:
+        result = fit(pretrain_loop, loop_config, dict(datasets), out_uri, scale, resume=resume,
+                     storage=storage, keep_checkpoints=KEEP_CHECKPOINTS, tracking=tracked.spec)
+        raise_if_aborted(stream, out.uri)
+        with result.checkpoint.as_directory() as folder:
+            final = read_checkpoint_folder(folder)
+        history = list(final["history"])
+        files = FinalFiles(out, storage)
+        uri = export_final(result, files, history, exclude=("optimizer",))
+        skipped = stream.skipped_videos() if stream is not None else []
+        files.write(RUN_SPEC_FILE, json.dumps({**spec, "skipped_videos": skipped}, indent=1).encode())
+        files.complete()
+        tracked.attach(files)
     return PretrainResult(history, uri, steady_images_per_s(history), list(final["classes"]),
                           list(final["labelled_video_ids"]), skipped,
                           stream.cache_stats() if stream is not None and stream.cache_uri else None)

@@ -27,6 +27,7 @@ from ray.train.torch import TorchTrainer
 from cluster.claim import claim_out
 from cluster.completion import FinalFiles, check_model_file, clear_complete
 from cluster.storage import Location, Storage, parse_uri
+from cluster.tracking import TrackerSpec, log_epoch, worker_tracker
 from ultrasound.backbone import ResNet18Backbone, adopt_weights, read_state
 from ultrasound.checkpoint import load_state, save_state
 from ultrasound.export import BACKBONE_FILE, backbone_safetensors
@@ -76,8 +77,12 @@ def fit(
     resume: bool = False,
     storage: Storage | None = None,
     keep_checkpoints: int | None = None,
+    tracking: TrackerSpec | None = None,
 ) -> ray.train.Result:
     """Run ``train_loop`` on ``scale.workers`` ranks; returns Ray Train's Result.
+
+    ``tracking``: a run opened with :func:`cluster.tracking.start_run`; rank 0 logs every
+    epoch's metrics to it (:func:`report_epoch`), the caller closes it.
 
     Without ``resume`` an ``out_uri`` that already holds a run is refused (Ray would silently
     resume it); with ``resume`` the loop finds the last checkpoint through ``restore_state``.
@@ -86,7 +91,8 @@ def fit(
     storage = storage or Storage()
     out = parse_uri(out_uri)
     with claim_out(out, storage, resume=resume):
-        return _fit_claimed(train_loop, loop_config, datasets, out, scale, resume, storage, keep_checkpoints)
+        return _fit_claimed(train_loop, {**loop_config, "_tracker": tracking.as_dict() if tracking else None},
+                            datasets, out, scale, resume, storage, keep_checkpoints)
 
 
 def _fit_claimed(train_loop: Callable[[dict], None], loop_config: dict, datasets: dict[str, ray.data.Dataset],
@@ -218,6 +224,7 @@ def worker_context(config: dict) -> WorkerContext:
     """Rank, world size and device of this worker; sizes torch's thread pool to its CPU share."""
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(config.get("_cpus_per_worker", 1))))
+    worker_tracker(config.get("_tracker"), ctx.get_world_rank())
     return WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
 
 
@@ -242,8 +249,10 @@ def read_checkpoint_folder(folder: str | os.PathLike) -> dict:
 
 
 def report_epoch(metrics: dict, state: dict, rank: int) -> None:
-    """Every rank reports ``metrics``; rank 0 alone writes ``state`` as the checkpoint."""
+    """Every rank reports ``metrics``; rank 0 alone writes ``state`` as the checkpoint (and logs
+    the metrics to the run's tracker, when there is one)."""
     if rank == 0:
+        log_epoch(metrics)
         with tempfile.TemporaryDirectory(prefix="sonoray-ckpt-") as folder:
             Path(folder, CHECKPOINT_FILE).write_bytes(save_state(state))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))

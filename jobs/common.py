@@ -66,6 +66,27 @@ def sample_spec_from(args: argparse.Namespace):
         raise UserError(str(err)) from err
 
 
+def add_tracker_args(parser: argparse.ArgumentParser) -> None:
+    """``--tracker mlflow|tensorboard`` and ``--tracking-uri`` (pretrain, msml, sweep, simulate)."""
+    group = parser.add_argument_group("tracking")
+    group.add_argument("--tracker", choices=["mlflow", "tensorboard"], default=None,
+                       help="log settings, per-epoch metrics and final files to MLflow or TensorBoard")
+    group.add_argument("--tracking-uri", default=None, metavar="URI",
+                       help="MLflow tracking URI (default ./mlruns, a local file store) or TensorBoard log "
+                            "folder (default ./tensorboard)")
+
+
+def tracker_from(args: argparse.Namespace, job: str):
+    """The :class:`cluster.tracking.TrackerSpec` of the tracking flags (None without --tracker)."""
+    from cluster.tracking import TrackerSpec, TrackingError
+    from jobs.output import UserError
+
+    try:
+        return TrackerSpec.of(getattr(args, "tracker", None), getattr(args, "tracking_uri", None), f"sonoray-{job}")
+    except TrackingError as err:
+        raise UserError(str(err)) from None
+
+
 def add_json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON result object last on stdout")
 

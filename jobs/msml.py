@@ -14,12 +14,14 @@ from typing import Any
 from jobs.common import (
     add_config_args,
     add_json_arg,
+    add_tracker_args,
     add_ray_args,
     add_storage_args,
     add_stream_args,
     connect_ray,
     csv_list,
     storage_from,
+    tracker_from,
 )
 from jobs.output import UserError, emit_json, fail, progress
 
@@ -62,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_stream_args(p, training=True)
     add_storage_args(p)
     add_ray_args(p)
+    add_tracker_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
             fps=args.fps, max_per_video=args.max_per_video, val_max_per_video=args.val_max_per_video,
             val_fraction=args.val_fraction, split_seed=args.split_seed, init_uri=args.init,
             resume=args.resume, gradcam=args.gradcam, cache=not args.no_cache,
-            max_failed_fraction=args.max_failed_fraction,
+            max_failed_fraction=args.max_failed_fraction, tracker=tracker_from(args, "msml"),
         )
         FrameSampling(fps=args.fps, max_per_video=args.max_per_video)  # validates the sampling flags
     except ValueError as err:

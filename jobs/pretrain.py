@@ -13,12 +13,14 @@ from typing import Any
 from jobs.common import (
     add_config_args,
     add_json_arg,
+    add_tracker_args,
     add_ray_args,
     add_storage_args,
     add_stream_args,
     connect_ray,
     csv_list,
     storage_from,
+    tracker_from,
 )
 from jobs.output import UserError, emit_json, fail, progress
 
@@ -74,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_stream_args(p, training=True)
     add_storage_args(p)
     add_ray_args(p)
+    add_tracker_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -146,10 +149,12 @@ def run(args: argparse.Namespace) -> int:
              f"{cfg.batch_videos} videos, {cfg.image_size}px x {cfg.channels}, "
              f"{args.workers} worker(s){' on GPUs' if args.gpu else ''}")
     scale = ScaleSpec(workers=args.workers, gpu=args.gpu, max_failures=args.max_failures)
+    tracker = tracker_from(args, "pretrain")
     try:
         result = pretrain(data, args.out, cfg, scale, unlabelled=unlabelled, holdout=holdout,
                           init_state=init_state, resume=args.resume, storage=storage,
-                          cache=not args.no_cache, max_failed_fraction=args.max_failed_fraction)
+                          cache=not args.no_cache, max_failed_fraction=args.max_failed_fraction,
+                          tracker=tracker)
     except (TrainingError, ValueError) as err:
         return fail(str(err), code=1)
     last = result.history[-1]

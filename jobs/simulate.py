@@ -16,6 +16,7 @@ from jobs.common import (
     add_config_args,
     add_embedding_args,
     add_json_arg,
+    add_tracker_args,
     add_ray_args,
     add_storage_args,
     add_stream_args,
@@ -23,6 +24,7 @@ from jobs.common import (
     csv_list,
     sample_spec_from,
     storage_from,
+    tracker_from,
 )
 from jobs.output import UserError, emit_json, human_stream, progress
 
@@ -84,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_stream_args(p)
     add_storage_args(p)
     add_ray_args(p)
+    add_tracker_args(p)
     add_json_arg(p)
     p.set_defaults(func=run_simulate)
 
@@ -123,13 +126,22 @@ def run_simulate(args: argparse.Namespace) -> int:
     storage = storage_from(args)
     config = config_from_args(args, storage)
     spec = sample_spec_from(args)
+    tracker = tracker_from(args, "simulate")
     progress(connect_ray(args))
-    try:
-        result = simulate(args.data, config, args.out, storage, spec, cache_uri=args.cache, on_progress=progress,
-                          executor="serial" if args.serial else "ray", cpus_per_experiment=args.cpus_per_experiment,
-                          gpus_per_experiment=args.gpus_per_experiment, max_retries=args.max_retries)
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    from cluster.tracking import TrackedRun
+
+    with TrackedRun(tracker, {"job": "simulate", "data": args.data, **config.to_dict()}) as tracked:
+        try:
+            result = simulate(args.data, config, args.out, storage, spec, cache_uri=args.cache,
+                              on_progress=progress, executor="serial" if args.serial else "ray",
+                              cpus_per_experiment=args.cpus_per_experiment,
+                              gpus_per_experiment=args.gpus_per_experiment, max_retries=args.max_retries)
+        except ValueError as err:
+            raise UserError(str(err)) from err
+        for name, entry in result.as_json()["strategies"].items():  # one metric per strategy and number
+            tracked.log({f"{name}.{key}": value for key, value in entry.items()})
+        if result.report is not None:
+            tracked.attach_paths([result.report["report_uri"], result.report["png_uri"]])
     for item in result.failed:
         progress(f"  failed {item['experiment_id']}: {item['error']}")
     if result.report is not None:

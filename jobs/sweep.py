@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 
-from jobs.common import add_json_arg, add_ray_args, add_storage_args, connect_ray, storage_from
+from jobs.common import (
+    add_json_arg,
+    add_ray_args,
+    add_storage_args,
+    add_tracker_args,
+    connect_ray,
+    storage_from,
+    tracker_from,
+)
 from jobs.output import UserError, emit_json, progress
 
 SPECS_DIR = Path(__file__).resolve().parents[1] / "tuning" / "specs"
@@ -50,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "$SONORAY_SWEEP_WORKDIR or ~/.cache/sonoray/sweeps/<bucket>/<prefix>)")
     add_storage_args(p)
     add_ray_args(p)
+    add_tracker_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
 
@@ -94,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or str(Path("sweeps") / spec.name)
     summary = run_spec(spec, out, storage=storage_from(args), connect=lambda: connect_ray(args),
                        trials=args.trials, concurrency=args.concurrency, resume=args.resume,
-                       storage_url=args.storage, work_dir=args.work_dir)
+                       storage_url=args.storage, work_dir=args.work_dir, tracker=tracker_from(args, "sweep"))
     if args.json:
         emit_json(summary)
     return 0

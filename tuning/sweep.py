@@ -44,6 +44,7 @@ from ray import tune
 
 from cluster.redact import redact, redact_mapping
 from cluster.storage import Location, Storage, StorageConfig, parse_uri
+from cluster.tracking import TrackerSpec, tune_callbacks
 from tuning import searchers
 from tuning.adapters import ADAPTERS, JobAdapter
 from tuning.results import records_from_results, study_order, summary_dict, write_results, write_summary
@@ -253,6 +254,7 @@ def run_sweep(
     storage: Storage | None = None,
     adapter: JobAdapter | None = None,
     progress: Progress = _stderr_progress,
+    tracker: TrackerSpec | None = None,
 ) -> SweepOutcome:
     """Run (or with ``resume`` continue) the sweep of ``spec``; Ray must be connected.
 
@@ -367,7 +369,7 @@ def run_sweep(
                 name=spec.name,
                 storage_path=layout.tune_root.fs_path,
                 storage_filesystem=restore_fs,
-                callbacks=[ledger],
+                callbacks=[ledger, *tune_callbacks(tracker)],  # --tracker: one tracked run per trial
                 failure_config=tune.FailureConfig(max_failures=0),
                 verbose=0,
             ),

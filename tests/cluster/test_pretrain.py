@@ -47,8 +47,10 @@ def load_model_file(uri: str) -> dict:
 @pytest.mark.timeout(600)
 def test_two_worker_pretrain_lowers_the_loss(phantom16_uri, tmp_path):
     out = tmp_path / "run"
+    mlruns = tmp_path / "mlruns"  # a real local MLflow file store
     code, result = run_cli(main, ["pretrain", "--data", phantom16_uri, "--out", str(out),
-                                  "--workers", "2", "--epochs", "8", *SMALL, "--json"])
+                                  "--workers", "2", "--epochs", "8", *SMALL, "--tracker", "mlflow",
+                                  "--tracking-uri", str(mlruns), "--json"])
     assert code == 0
     assert result["epochs"] == 8 and len(result["loss"]) == 8
     loss = np.array(result["loss"])
@@ -70,6 +72,23 @@ def test_two_worker_pretrain_lowers_the_loss(phantom16_uri, tmp_path):
     assert [h["epoch"] for h in history] == list(range(8))
     assert [round(h["loss"], 6) for h in history] == result["loss"]
     assert_backbone_export_matches(out, saved["model"], channels=1, image_size=32)
+    assert_mlflow_run_holds_the_epochs(mlruns, result["loss"])
+
+
+def assert_mlflow_run_holds_the_epochs(mlruns, losses: list[float]) -> None:
+    """The MLflow run rank 0 logged to: every epoch's loss at its step, the settings, the files."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlruns.resolve().as_uri())
+    experiment = client.get_experiment_by_name("sonoray-pretrain")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(8))
+    assert [round(m.value, 6) for m in history] == losses
+    assert run.data.params["config.epochs"] == "8" and run.data.params["job"] == "pretrain"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pt", "backbone.safetensors", "metrics.json"} <= artifacts
 
 
 def assert_backbone_export_matches(out, model_state: dict, channels: int, image_size: int) -> None:
