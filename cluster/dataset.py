@@ -62,7 +62,9 @@ class IngestedDataset:
         return sorted({r["label"] for r in self.rows if r.get("label")})
 
     def video_location(self, row: dict) -> Location:
-        return self.root.join(row["key"])
+        """Where a video is: its key under the data set's root, or, for a video registered in
+        place (``ingest --in-place``), the absolute ``s3://`` URI the key holds."""
+        return video_location(self.root, row["key"])
 
     def finding_matrix(self) -> np.ndarray:
         """``(n_videos, n_findings)`` float32 0/1 targets in manifest order."""
@@ -74,6 +76,11 @@ class IngestedDataset:
         wanted = set(video_ids)
         rows = [r for r in self.rows if r["video_id"] in wanted]
         return IngestedDataset(self.root, rows, self.findings, self.source_format, self.storage)
+
+
+def video_location(root: Location, key: str) -> Location:
+    """``key`` under ``root``, or the absolute location an ``s3://`` key names."""
+    return parse_uri(key) if str(key).startswith("s3://") else root.join(key)
 
 
 def load_dataset(uri: str, storage: Storage | None = None) -> IngestedDataset:

@@ -39,7 +39,7 @@ from cluster.cache import (
     encode_shard,
     write_spec,
 )
-from cluster.dataset import IngestedDataset
+from cluster.dataset import IngestedDataset, video_location
 from cluster.storage import Location, Storage, StorageConfig, parse_uri
 from ultrasound.video import (
     DEFAULT_MAX_DECODED_BYTES,
@@ -195,11 +195,11 @@ def _video_frames(meta: dict, spec: StreamSpec, storage: Storage, root: Location
                   fps=float(meta["fps"]) or None)
     suffix = PurePosixPath(key).suffix or ".bin"
     if cache is None:
-        return decode_bytes(storage.read_bytes(root.join(key)), suffix, spec.sampling, spec.fmt, rng=rng, **decode)
+        return decode_bytes(storage.read_bytes(video_location(root, key)), suffix, spec.sampling, spec.fmt, rng=rng, **decode)
     location = cache.shard(str(meta["sha256"]))
     shard = _read_shard(storage, location, str(meta["sha256"]), log, counts, fetched)
     if shard is None:
-        frames = list(decode_bytes(storage.read_bytes(root.join(key)), suffix, base_sampling(spec.sampling),
+        frames = list(decode_bytes(storage.read_bytes(video_location(root, key)), suffix, base_sampling(spec.sampling),
                                    spec.fmt, **decode))
         if not frames:
             raise VideoError("no frame could be decoded")

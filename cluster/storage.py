@@ -237,6 +237,20 @@ class Storage:
         except OSError as err:
             raise self._wrap(err, location.uri) if location.is_s3 else err
 
+    def download_hashed(self, location: Location, target: Path, chunk: int = 1 << 20) -> str:
+        """Copy an object to the local file ``target`` in ``chunk``-sized reads, hashing as it
+        streams (never the whole object in memory); returns its sha256."""
+        digest = hashlib.sha256()
+        fs = self.filesystem(location)
+        try:
+            with fs.open_input_stream(location.fs_path) as handle, open(target, "wb") as out:
+                while block := handle.read(chunk):
+                    digest.update(block)
+                    out.write(block)
+        except OSError as err:
+            raise self._wrap(err, location.uri) if location.is_s3 else err
+        return digest.hexdigest()
+
     def write_bytes(self, location: Location, data: bytes) -> None:
         """Write ``data`` whole or not at all: a reader sees the old object or the new one.
 

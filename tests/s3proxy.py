@@ -18,6 +18,7 @@ class _State:
         self.host, self.port = parsed.hostname, parsed.port
         self.fail_first_get = fail_first_get  # key prefix whose first GET answers 503
         self.gets: Counter = Counter()
+        self.puts: Counter = Counter()  # PUT requests per bucket/key (a bucket creation counts as a PUT)
         self.refused: Counter = Counter()
         self.lock = threading.Lock()
 
@@ -45,6 +46,9 @@ def _handler(state: _State):
         def _forward(self) -> None:
             body = self._body()
             key = unquote(urlparse(self.path).path).lstrip("/")
+            if self.command == "PUT":
+                with state.lock:
+                    state.puts[key] += 1
             if self.command == "GET":
                 with state.lock:
                     state.gets[key] += 1
@@ -87,7 +91,8 @@ def _handler(state: _State):
 
 @contextmanager
 def s3_proxy(upstream: str, fail_first_get: str | None = None):
-    """Yield ``(endpoint_url, state)``; ``state.gets`` counts GETs per ``bucket/key``."""
+    """Yield ``(endpoint_url, state)``; ``state.gets`` / ``state.puts`` count GETs / PUTs per
+    ``bucket/key``."""
     state = _State(upstream, fail_first_get)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     server.daemon_threads = True

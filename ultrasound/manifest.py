@@ -201,8 +201,12 @@ def parse_generic_manifest(
     findings: list[str] | str | None = None,
     label_col: str = "label",
     patient_col: str = "patient_id",
+    remote: bool = False,
 ) -> tuple[list[VideoRecord], list[SkippedRow], list[str]]:
     """Read a generic manifest, CSV or Parquet (the same columns either way).
+
+    ``remote=True``: ``video_dir`` names a bucket prefix (``ingest --in-place``), so paths are
+    checked for escapes only and the caller looks the objects up.
 
     Returns ``(records, skipped, finding_names)``. Rows whose video file is missing are skipped
     and reported; a bad finding value, a path escaping ``video_dir``, a duplicate video or an
@@ -213,7 +217,9 @@ def parse_generic_manifest(
     csv_path, root = Path(csv_path), Path(video_dir)
     if not csv_path.is_file():
         raise ManifestError(f"manifest {csv_path} does not exist")
-    if not root.is_dir():
+    if remote:
+        root = Path("/", PurePosixPath(str(video_dir)).name or "bucket")  # only to check paths against
+    elif not root.is_dir():
         raise ManifestError(f"video folder {root} does not exist")
     header, rows = read_manifest_table(csv_path)
     columns = {name: i for i, name in enumerate(header)}
@@ -246,7 +252,7 @@ def parse_generic_manifest(
             name: parse_finding(cell(row, name), file=csv_path, row=line, column=name)
             for name in finding_names
         }
-        if not (root / rel).is_file():
+        if not remote and not (root / rel).is_file():
             skipped.append(SkippedRow(line, rel, "video file not found"))
             continue
         video_id = cell(row, "video_id") if "video_id" in columns else ""

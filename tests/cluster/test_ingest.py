@@ -135,3 +135,33 @@ def test_a_parquet_manifest_ingests_like_its_csv_twin_and_labels_auto_finds_the_
     code, _ = run_cli(main, ["ingest", str(phantom_dir), "--manifest", str(twin), "--labels", "auto",
                              "--to", "s3://sonoray-test/parquet-typed", "--json"])
     assert code == 0 and load_dataset("s3://sonoray-test/parquet-typed", storage).rows == from_csv.rows
+
+
+def test_in_place_ingest_registers_bucket_videos_without_copying_a_byte(phantom_dir, s3_server, storage):
+    """Videos already in a bucket: --in-place streams each object once to hash it and count its
+    frames, and PUTs nothing but the manifest (counted at a proxy in front of the server)."""
+    from cluster.storage import file_sha256
+    from tests.s3proxy import s3_proxy
+
+    source = parse_uri("s3://sonoray-test/already-there")
+    storage.check(source, create_bucket=True)
+    for clip in sorted((phantom_dir / "videos").rglob("*.mp4")):
+        rel = clip.relative_to(phantom_dir).as_posix()
+        storage.upload_file(clip, source.join(rel), file_sha256(clip))
+    with s3_proxy(s3_server.endpoint_url) as (endpoint, state):
+        code, result = run_cli(main, ["ingest", source.uri, "--in-place", "--manifest",
+                                      str(phantom_dir / "manifest.csv"), "--labels", "auto",
+                                      "--to", "s3://sonoray-test/in-place", "--endpoint-url", endpoint, "--json"])
+    assert code == 0 and result["ingested"] == 8 and result["uploaded"] == 0
+    assert dict(state.puts) == {"sonoray-test/in-place/manifest.parquet": 1}
+    data = load_dataset("s3://sonoray-test/in-place", storage)
+    with open(phantom_dir / "manifest.csv", newline="") as handle:
+        paths = {row["video_id"]: row["path"] for row in csv.DictReader(handle)}
+    for row in data.rows:
+        assert row["key"] == source.join(paths[row["video_id"]]).uri  # where it already was
+        assert row["sha256"] == file_sha256(phantom_dir / paths[row["video_id"]]) and row["frame_count"] > 0
+        assert data.video_location(row) == source.join(paths[row["video_id"]])
+    assert data.findings == list(phantom.FINDINGS)
+    code, _ = run_cli(main, ["ingest", source.uri, "--manifest", str(phantom_dir / "manifest.csv"),
+                             "--to", "s3://sonoray-test/in-place-2"])
+    assert code == 2  # a bucket prefix without --in-place is refused, not copied
