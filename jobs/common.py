@@ -87,6 +87,17 @@ def tracker_from(args: argparse.Namespace, job: str):
         raise UserError(str(err)) from None
 
 
+def add_job_args(parser: argparse.ArgumentParser, *, training: bool = False, tracker: bool = False) -> None:
+    """The groups every frame-reading job on Ray shares, in one order: the frame stream (and for
+    training jobs its failure share), storage, Ray, tracking (``tracker``), ``--json``."""
+    add_stream_args(parser, training=training)
+    add_storage_args(parser)
+    add_ray_args(parser)
+    if tracker:
+        add_tracker_args(parser)
+    add_json_arg(parser)
+
+
 def add_json_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON result object last on stdout")
 

@@ -13,10 +13,7 @@ import sys
 from typing import TextIO
 
 from jobs.common import (
-    add_json_arg,
-    add_ray_args,
-    add_storage_args,
-    add_stream_args,
+    add_job_args,
     connect_ray,
     csv_list,
     storage_from,
@@ -58,10 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=100, help="fine-tuning epochs (default 100, the authors')")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01, the authors')")
     p.add_argument("--gpu", action="store_true", help="compute features / fine-tune on this machine's GPU")
-    add_stream_args(p)
-    add_storage_args(p)
-    add_ray_args(p)
-    add_json_arg(p)
+    add_job_args(p)
     p.set_defaults(func=run)
 
 

@@ -5,7 +5,11 @@ import argparse
 
 from cluster.dataset import load_dataset
 from cluster.frames import StreamSpec, drain, frame_stream
-from jobs.common import add_json_arg, add_ray_args, add_storage_args, add_stream_args, connect_ray, storage_from
+from jobs.common import (
+    add_job_args,
+    connect_ray,
+    storage_from,
+)
 from jobs.output import UserError, emit_json, progress
 from ultrasound.video import DEFAULT_MAX_DECODED_BYTES, FrameFormat, FrameSampling
 
@@ -20,10 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("uri", metavar="URI", help="data set root written by `sonoray ingest`")
     add_sampling_args(p)
     p.add_argument("--limit", type=int, default=None, help="stop after N frames")
-    add_stream_args(p)
-    add_storage_args(p)
-    add_ray_args(p)
-    add_json_arg(p)
+    add_job_args(p)
     p.set_defaults(func=run)
 
 

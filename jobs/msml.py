@@ -13,11 +13,7 @@ from typing import Any
 
 from jobs.common import (
     add_config_args,
-    add_json_arg,
-    add_tracker_args,
-    add_ray_args,
-    add_storage_args,
-    add_stream_args,
+    add_job_args,
     connect_ray,
     csv_list,
     storage_from,
@@ -61,11 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run under --out from its last epoch")
     p.add_argument("--max-failures", type=int, default=1, help="worker-failure retries (default 1)")
     p.add_argument("--gradcam", type=int, default=6, help="Grad-CAM overlays to save (default 6)")
-    add_stream_args(p, training=True)
-    add_storage_args(p)
-    add_ray_args(p)
-    add_tracker_args(p)
-    add_json_arg(p)
+    add_job_args(p, training=True, tracker=True)
     p.set_defaults(func=run)
 
 

@@ -11,7 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from jobs.common import add_json_arg, add_ray_args, add_storage_args, add_stream_args, connect_ray, storage_from
+from jobs.common import (
+    add_job_args,
+    connect_ray,
+    storage_from,
+)
 from jobs.output import UserError, emit_json, human_stream, progress
 
 
@@ -31,10 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=None, help="frames per second scored (default: every frame)")
     p.add_argument("--max-per-video", type=int, default=None, help="cap on frames scored per video")
     p.add_argument("--gpu", action="store_true", help="score on the Ray cluster's GPUs")
-    add_stream_args(p)
-    add_storage_args(p)
-    add_ray_args(p)
-    add_json_arg(p)
+    add_job_args(p)
     p.set_defaults(func=run)
 
 

@@ -12,11 +12,7 @@ from typing import Any
 
 from jobs.common import (
     add_config_args,
-    add_json_arg,
-    add_tracker_args,
-    add_ray_args,
-    add_storage_args,
-    add_stream_args,
+    add_job_args,
     connect_ray,
     csv_list,
     storage_from,
@@ -73,11 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     holdout.add_argument("--classes", default=None, metavar="A,B,...",
                          help="classes evaluate keeps (default: all labels)")
     holdout.add_argument("--probe", default=None, help="probe evaluate keeps, e.g. convex")
-    add_stream_args(p, training=True)
-    add_storage_args(p)
-    add_ray_args(p)
-    add_tracker_args(p)
-    add_json_arg(p)
+    add_job_args(p, training=True, tracker=True)
     p.set_defaults(func=run)
 
 

@@ -12,10 +12,7 @@ import io
 
 from jobs.common import (
     add_embedding_args,
-    add_json_arg,
-    add_ray_args,
-    add_storage_args,
-    add_stream_args,
+    add_job_args,
     connect_ray,
     sample_spec_from,
     storage_from,
@@ -39,10 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="CSV", help="next.csv to write (local path or s3://)")
     p.add_argument("--seed", type=int, default=0, help="tie-breaking and random-strategy seed (0)")
     add_embedding_args(p, cache_default="URI/cache/samples beside the data set")
-    add_stream_args(p)
-    add_storage_args(p)
-    add_ray_args(p)
-    add_json_arg(p)
+    add_job_args(p)
     p.set_defaults(func=run)
 
 

@@ -15,11 +15,9 @@ from typing import Any
 from jobs.common import (
     add_config_args,
     add_embedding_args,
+    add_job_args,
     add_json_arg,
-    add_tracker_args,
-    add_ray_args,
     add_storage_args,
-    add_stream_args,
     connect_ray,
     csv_list,
     sample_spec_from,
@@ -83,11 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--gpus-per-experiment", type=float, default=0.0, help="GPUs per experiment task (0)")
     run.add_argument("--max-retries", type=int, default=3, help="retries of a crashed experiment (3)")
     run.add_argument("--serial", action="store_true", help="run the experiments one by one in this process")
-    add_stream_args(p)
-    add_storage_args(p)
-    add_ray_args(p)
-    add_tracker_args(p)
-    add_json_arg(p)
+    add_job_args(p, tracker=True)
     p.set_defaults(func=run_simulate)
 
     r = subparsers.add_parser(
