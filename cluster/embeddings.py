@@ -32,6 +32,7 @@ from cluster.dataset import IngestedDataset
 from cluster.frames import StreamSpec, collect_frames, frame_stream
 from cluster.storage import Location, Storage, parse_uri
 from ultrasound.checkpoint import load_state
+from ultrasound.split_unit import split_units
 from ultrasound.video import FrameFormat, FrameSampling
 
 KINDS = ("embeddings", "images")
@@ -116,9 +117,9 @@ class SampleTable:
 
     @property
     def groups(self) -> np.ndarray:
-        """``(N,)`` split unit: the patient, or the video when the patient is unknown."""
-        return np.where(self.patient_id != "", np.char.add("p:", self.patient_id.astype(str)),
-                        np.char.add("v:", self.video_id.astype(str)))
+        """``(N,)`` split unit: the patient, or the video when the patient is unknown
+        (:func:`ultrasound.split_unit.split_units`)."""
+        return split_units(self.patient_id, self.video_id)
 
     def select_findings(self, names: list[str] | tuple[str, ...] | None) -> "SampleTable":
         """The same rows with only the finding columns ``names`` (in that order)."""

@@ -40,6 +40,7 @@ from ultrasound.evaluation import (
     summarise_folds,
     video_level_accuracy,
 )
+from ultrasound.split_unit import split_unit
 from ultrasound.video import FrameFormat, FrameSampling
 
 #: The POCUS authors' frame sampling for classification: 3 frames per second, at most 30.
@@ -53,9 +54,8 @@ class EvaluationError(ValueError):
 
 
 def split_group(row: Mapping[str, Any]) -> str:
-    """The unit no split may cut: the patient when known, else the video."""
-    patient = str(row.get("patient_id") or "").strip()
-    return f"patient:{patient}" if patient else f"video:{row['video_id']}"
+    """The unit no split may cut (:func:`ultrasound.split_unit.split_unit`) of a manifest row."""
+    return split_unit(row.get("patient_id"), row["video_id"])
 
 
 def evaluation_rows(data: IngestedDataset, classes: Sequence[str] | None = None,

@@ -76,6 +76,7 @@ from ultrasound.msml import (
     prepare_images,
 )
 from ultrasound.multilabel_metrics import multilabel_report
+from ultrasound.split_unit import split_units, unit_kind
 from ultrasound.video import FrameFormat, FrameSampling
 
 RUN_FILE = "msml_run.json"  # config + split of the run under --out, read back by --resume
@@ -113,11 +114,10 @@ def split_videos(data: IngestedDataset, fraction: float, seed: int) -> VideoSpli
     (or of one video) never land on both sides.
     """
     rows = data.rows
-    patients = [str(r.get("patient_id") or "") for r in rows]
-    groups = np.array([p if p else f"video:{r['video_id']}" for p, r in zip(patients, rows)])
+    patients = [r.get("patient_id") for r in rows]
+    groups = split_units(patients, [r["video_id"] for r in rows])
     labels = np.array([str(r.get("label") or "") for r in rows])
-    known = sum(1 for p in patients if p)
-    group_by = "patient" if known == len(rows) else ("video" if known == 0 else "patient/video")
+    group_by = unit_kind(patients)
     train_idx, val_idx = carve_validation(np.arange(len(rows)), groups, labels, fraction, seed=seed)
     ids = [r["video_id"] for r in rows]
     return VideoSplit(tuple(ids[i] for i in train_idx), tuple(ids[i] for i in val_idx), group_by)

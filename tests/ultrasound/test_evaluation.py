@@ -197,3 +197,11 @@ def test_finetune_last_block_learns_a_brightness_cue():
     with pytest.raises(ValueError, match="labels must lie"):
         finetune_last_block(state, ft, yt + 5, fv, yv, fs, num_classes=2, epochs=1,
                             image_size=32, channels=1)
+
+
+def test_one_split_unit_rule_for_every_split():
+    from ultrasound.split_unit import split_unit, split_units, unit_kind
+
+    assert split_unit("p1", "v1") == "patient:p1" and split_unit(" ", "v1") == "video:v1"
+    assert split_units(["p1", None, "p1"], ["a", "b", "c"]).tolist() == ["patient:p1", "video:b", "patient:p1"]
+    assert (unit_kind(["p", "q"]), unit_kind([None, ""]), unit_kind(["p", None])) == ("patient", "video", "patient/video")
