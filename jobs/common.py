@@ -126,3 +126,53 @@ def add_config_args(parser: argparse.ArgumentParser, what: str) -> None:
                         help=f"YAML file (path or s3://) of {what}; keys are the setting names")
     parser.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting (a YAML value), after --config and before the flags; repeatable")
+
+
+_NOT_SETTABLE = {"help", "config", "set_items", "json", "verbose", "quiet", "version"}
+
+
+def add_flag_config_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--config`` / ``--set`` for a job whose settings are its flags (evaluate, predict, query):
+    the keys are the flag names (``max_per_video`` or ``max-per-video``). Call it after every
+    other flag of the job is declared; :func:`apply_flag_config` reads them."""
+    add_config_args(parser, what)
+    settable = {a.dest: (a.default, a.type, a.choices, isinstance(a, argparse._StoreTrueAction))
+                for a in parser._actions if a.option_strings and a.dest not in _NOT_SETTABLE and not a.required}
+    parser.set_defaults(_settable=settable, _config_what=what)
+
+
+def apply_flag_config(args: argparse.Namespace, storage: Storage | None = None) -> None:
+    """Fill ``args`` from ``--config`` then ``--set``, where the flag itself was not given (a
+    flag given on the command line always wins). An unknown key names the valid ones; a value of
+    the wrong type names the key and the value."""
+    from cluster.job_config import ConfigError, layered
+    from jobs.output import UserError
+    from ultrasound.config import did_you_mean
+
+    settable, what = getattr(args, "_settable", {}), getattr(args, "_config_what", "settings")
+    try:
+        values = layered(args.config, args.set_items, {}, storage=storage, what=what)
+    except ConfigError as err:
+        raise UserError(str(err)) from err
+    keys = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(keys) - set(settable))
+    if unknown:
+        raise UserError(f"unknown {what} key(s) {unknown}{did_you_mean(unknown, settable)}; "
+                        f"valid keys: {sorted(settable)}")
+    for dest, value in keys.items():
+        default, convert, choices, is_switch = settable[dest]
+        if getattr(args, dest) != default:
+            continue
+        try:
+            if is_switch:
+                text = str(value).strip().lower()
+                if text not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError("expected true or false")
+                value = text in ("true", "1", "yes")
+            elif convert is not None and value is not None:
+                value = convert(value)  # "3e-4" (what YAML reads 3e-4 as) -> 0.0003
+            if choices is not None and value not in choices:
+                raise ValueError(f"expected one of {list(choices)}")
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{what}: key {dest!r}: value {value!r}: {err}") from None
+        setattr(args, dest, value)

@@ -13,6 +13,8 @@ import sys
 from typing import TextIO
 
 from jobs.common import (
+    add_flag_config_args,
+    apply_flag_config,
     add_job_args,
     connect_ray,
     csv_list,
@@ -56,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01, the authors')")
     p.add_argument("--gpu", action="store_true", help="compute features / fine-tune on this machine's GPU")
     add_job_args(p)
+    add_flag_config_args(p, "evaluation settings")
     p.set_defaults(func=run)
 
 
@@ -91,6 +94,7 @@ def json_result(summary: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_flag_config(args, storage_from(args))
     if args.compare:
         return run_compare(args)
     from cluster.evaluate import EVALUATION_FILE, EvaluationError, evaluate_summary, evaluation_record

@@ -12,6 +12,8 @@ import argparse
 import os
 
 from jobs.common import (
+    add_flag_config_args,
+    apply_flag_config,
     add_job_args,
     connect_ray,
     storage_from,
@@ -36,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-per-video", type=int, default=None, help="cap on frames scored per video")
     p.add_argument("--gpu", action="store_true", help="score on the Ray cluster's GPUs")
     add_job_args(p)
+    add_flag_config_args(p, "predict settings")
     p.set_defaults(func=run)
 
 
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.storage import parse_uri
     from ultrasound.video import FrameSampling
 
+    apply_flag_config(args, storage_from(args))
     if args.gradcam < 0:
         raise UserError(f"--gradcam must be >= 0, got {args.gradcam}")
     try:

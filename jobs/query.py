@@ -11,6 +11,8 @@ import argparse
 import io
 
 from jobs.common import (
+    add_flag_config_args,
+    apply_flag_config,
     add_embedding_args,
     add_job_args,
     connect_ray,
@@ -37,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="tie-breaking and random-strategy seed (0)")
     add_embedding_args(p, cache_default="URI/cache/samples beside the data set")
     add_job_args(p)
+    add_flag_config_args(p, "query settings")
     p.set_defaults(func=run)
 
 
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.storage import parse_uri
     from ultrasound.manifest import ManifestError
 
+    apply_flag_config(args, storage_from(args))
     if args.budget < 1:
         raise UserError(f"--budget must be >= 1, got {args.budget}")
     spec = sample_spec_from(args)

@@ -42,7 +42,21 @@ def simulate_config(*extra: str):
     return config_from_args(args_of("simulate", "--data", "d", "--out", "o", *extra), Storage())
 
 
-JOBS = {"pretrain": (pretrain_config, "lr"), "msml": (msml_config, "lr"), "simulate": (simulate_config, "head_l2")}
+def flag_config(*argv: str):
+    """The jobs whose settings are their flags: --config / --set keys are the flag names."""
+    from jobs.common import apply_flag_config
+
+    def resolve(*extra: str):
+        args = args_of(*argv, *extra)
+        apply_flag_config(args)
+        return args
+    return resolve
+
+
+JOBS = {"pretrain": (pretrain_config, "lr"), "msml": (msml_config, "lr"), "simulate": (simulate_config, "head_l2"),
+        "evaluate": (flag_config("evaluate", "--data", "d", "--checkpoint", "random"), "lr"),
+        "predict": (flag_config("predict", "--model", "m", "--data", "d", "--out", "o"), "fps"),
+        "query": (flag_config("query", "--data", "d", "--labelled", "l.csv", "--budget", "3", "--out", "o"), "fps")}
 
 
 @pytest.mark.parametrize("job", sorted(JOBS))
@@ -61,6 +75,9 @@ def test_set_overrides_the_file_and_flags_override_set(job, tmp_path):
     assert getattr(resolve("--config", str(path), "--set", f"{key}=0.25"), key) == pytest.approx(0.25)
     if job == "pretrain":
         assert resolve("--set", "epochs=3", "--epochs", "4").epochs == 4  # the flag comes last
+    if job == "evaluate":
+        assert resolve("--set", "folds=3", "--folds", "4").folds == 4
+        assert resolve("--set", "max-per-video=7").max_per_video == 7  # a flag's own spelling works too
 
 
 @pytest.mark.parametrize("job", sorted(JOBS))
