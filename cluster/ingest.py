@@ -8,9 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+import time
 from pathlib import Path
 
 from cluster.dataset import MANIFEST_NAME, VIDEOS_PREFIX, manifest_table
+from cluster.progress import Count
 from cluster.storage import Storage, file_sha256, parse_uri
 from ultrasound.manifest import SkippedRow, VideoRecord
 from ultrasound.video import VideoError, count_frames
@@ -66,6 +68,7 @@ def ingest_videos(
 
     rows: list[dict] = []
     uploaded = 0
+    started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for done, (record, row, sent, reason) in enumerate(pool.map(process, records), start=1):
             if row is None:
@@ -74,7 +77,7 @@ def ingest_videos(
                 rows.append(row)
                 uploaded += int(sent)
             if done % 10 == 0 or done == len(records):
-                on_progress(f"ingest: {done}/{len(records)} videos checked, {uploaded} uploaded")
+                on_progress(Count("ingest", done, len(records), "videos", f"{uploaded} uploaded", started=started))
     return _write_manifest(root, rows, findings, source_format, skipped, uploaded, storage)
 
 
@@ -126,6 +129,7 @@ def ingest_in_place(
         return record, _manifest_row(record, location.uri, info, int(head.get("ContentLength", 0)), sha), ""
 
     rows: list[dict] = []
+    started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for done, (record, row, reason) in enumerate(pool.map(process, records), start=1):
             if row is None:
@@ -133,7 +137,7 @@ def ingest_in_place(
             else:
                 rows.append(row)
             if done % 10 == 0 or done == len(records):
-                on_progress(f"ingest: {done}/{len(records)} videos registered in place")
+                on_progress(Count("ingest", done, len(records), "videos registered in place", started=started))
     return _write_manifest(root, rows, findings, "generic", skipped, 0, storage)
 
 

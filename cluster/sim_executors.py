@@ -21,6 +21,7 @@ import numpy as np
 import ray
 
 from cluster.oracle import Oracle, OracleBook, OracleClient
+from cluster.progress import Count
 from cluster.round_store import ParquetRoundStore, write_reference
 from cluster.storage import Location, Storage, parse_uri
 from ultrasound.active import experiment
@@ -169,8 +170,8 @@ def run_serial(table, config, todo, todo_refs, splits, storage, out, fault, init
         if time.perf_counter() - last > progress_every_s:
             last = time.perf_counter()
             elapsed = last - start
-            on_progress(f"simulate: {finished + len(results) + len(failed)}/{total} experiments done, "
-                        f"{rounds[0] / elapsed:.1f} rounds/s")
+            on_progress(Count("simulate", finished + len(results) + len(failed), total, "experiments",
+                              f"{rounds[0] / elapsed:.1f} rounds/s", started=start))
     return results, failed
 
 
@@ -217,8 +218,8 @@ def run_ray(table, config, todo, todo_refs, splits, storage, out, fault, init_ba
             if now - last > progress_every_s or not pending:
                 last = now
                 rounds = ray.get(counter.total.remote())
-                on_progress(f"simulate: {finished + len(results) + len(failed)}/{total} experiments done, "
-                            f"{rounds} rounds, {rounds / (now - start):.1f} rounds/s")
+                on_progress(Count("simulate", finished + len(results) + len(failed), total, "experiments",
+                                  f"{rounds} rounds, {rounds / (now - start):.1f} rounds/s", started=start))
     finally:
         for task in pending:
             ray.cancel(task, force=True)

@@ -18,11 +18,36 @@ class UserError(Exception):
 QUIET_VARIABLE = "SONORAY_QUIET"  # "1": no progress lines (sonoray -q); errors still print
 
 
+_BARS: dict[str, Any] = {}
+
+
 def progress(message: str) -> None:
-    """One progress line on stderr, with a wall-clock stamp (none with ``sonoray -q``)."""
+    """One progress line on stderr, with a wall-clock stamp (none with ``sonoray -q``). A
+    :class:`cluster.progress.Count` becomes a tqdm bar with ETA when stderr is a terminal (one
+    bar per task, closed when it is done) and stays a plain line otherwise (logs, pipes, CI)."""
     if os.environ.get(QUIET_VARIABLE) == "1":
         return
+    if hasattr(message, "total") and hasattr(message, "task") and sys.stderr.isatty():
+        _draw_bar(message)
+        return
     print(redact(f"[sonoray {time.strftime('%H:%M:%S')}] {message}"), file=sys.stderr, flush=True)
+
+
+def _draw_bar(count) -> None:
+    from tqdm import tqdm
+
+    bar = _BARS.get(count.task)
+    if bar is None or bar.total != count.total:
+        import shutil
+
+        bar = _BARS[count.task] = tqdm(total=count.total, desc=redact(count.task), unit=f" {count.unit}".rstrip(),
+                                       file=sys.stderr, ncols=shutil.get_terminal_size((100, 20)).columns, leave=True)
+    bar.n = count.done
+    bar.set_postfix_str(redact(count.note), refresh=False)
+    bar.refresh()
+    if count.done >= count.total:
+        bar.close()
+        del _BARS[count.task]
 
 
 def human_stream(json_mode: bool) -> TextIO:

@@ -6,8 +6,10 @@ path, video_id, patient_id, label and one yes/no column per finding.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
+from cluster.progress import Count
 from jobs.output import UserError, emit_json, progress
 from ultrasound import phantom
 
@@ -51,13 +53,14 @@ def run(args: argparse.Namespace) -> int:
 
     total_frames = 0
     step = max(1, args.videos // 10)
+    started = time.perf_counter()
 
     def on_clip(spec: phantom.PhantomClipSpec) -> None:
         nonlocal total_frames
         total_frames += spec.n_frames
         done = spec.index + 1
         if done % step == 0 or done == args.videos:
-            progress(f"phantom: {done}/{args.videos} clips written")
+            progress(Count("phantom", done, args.videos, "clips written", started=started))
 
     progress(f"phantom: writing {args.videos} clips of ~{args.frames} frames, "
              f"{args.size}x{args.size}, to {args.out_dir}")

@@ -59,3 +59,24 @@ def test_an_unsupported_uri_is_one_line_and_exit_2(uri, capsys):
     assert main(["frames", uri]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sonoray: error: ") and "Traceback" not in err[0]
+
+
+def test_counted_progress_is_a_line_with_an_eta_and_a_bar_on_a_terminal(capsys, monkeypatch):
+    import io
+    import time
+
+    from cluster.progress import Count
+    from jobs import output
+
+    started = time.perf_counter() - 10.0
+    line = Count("simulate", 4, 10, "experiments", "3.0 rounds/s", started=started)
+    assert isinstance(line, str) and line.startswith("simulate: 4/10 experiments, 3.0 rounds/s, ETA 1")
+    output.progress(line)  # not a terminal: the plain, stamped line
+    assert capsys.readouterr().err.rstrip().endswith("simulate: 4/10 experiments, 3.0 rounds/s, ETA 15s")
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True
+    monkeypatch.setattr(output.sys, "stderr", terminal)
+    for done in (4, 10):
+        output.progress(Count("simulate", done, 10, "experiments", started=started))
+    drawn = terminal.getvalue()
+    assert "40%" in drawn and "100%" in drawn and "10/10" in drawn and not output._BARS
