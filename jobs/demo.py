@@ -2,7 +2,9 @@
 
 Stages: start the loopback S3 server, write phantom clips, ingest them, stream their frames
 through Ray Data, pretrain USCL and evaluate it against random init, train MSML, simulate
-labelling budgets (TSAL and baselines) and finish with a small sweep. Each stage is the job's own
+labelling budgets (TSAL and baselines), run a small sweep, and end with what a user takes away:
+predictions of the MSML run on clips it never saw, and the next videos TSAL would have labelled.
+Each stage is the job's own
 ``demo_stage`` at demo size; the demo prints one table at the end.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import TextIO
 
 from jobs.output import emit_json, human_stream, progress
 
-STAGES = ("frames", "pretrain", "msml", "predict", "simulate", "query", "sweep")
+STAGES = ("frames", "pretrain", "msml", "simulate", "sweep", "predict", "query")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -118,9 +120,10 @@ def run(args: argparse.Namespace) -> int:
 
             return demo_stage(data_uri, work_uri, storage=storage)
 
+        # the last two stages are what a user takes away: predictions on new videos, the next to label
         for name, fn in (("frames", frames_stage), ("pretrain", pretrain_stage), ("msml", msml_stage),
-                         ("predict", predict_stage), ("simulate", simulate_stage), ("query", query_stage),
-                         ("sweep", sweep_stage)):
+                         ("simulate", simulate_stage), ("sweep", sweep_stage), ("predict", predict_stage),
+                         ("query", query_stage)):
             stage(name, fn)
 
     summary["work_dir"] = work_uri
@@ -161,23 +164,23 @@ def print_table(summary: dict, out: TextIO = sys.stdout) -> None:
         loss = m.get("loss") or []
         say(f"  msml      {m.get('epochs')} epochs, loss {_fmt(loss[0]) if loss else '?'} -> "
               f"{_fmt(loss[-1]) if loss else '?'}, mAP {_fmt(m.get('map'))}, macro-F1 {_fmt(m.get('macro_f1'))}")
+    if "simulate" in s:
+        sim = s["simulate"]
+        say(f"  simulate  {sim.get('experiments')} experiments, {sim.get('rounds')} rounds; report {sim.get('report')}")
+        for name, row in (sim.get("strategies") or {}).items():
+            say(f"            {name:<14} AULC {_fmt(row.get('aulc'))}  final mAP {_fmt(row.get('final_map'))}")
+    if "sweep" in s:
+        sw = s["sweep"]
+        say(f"  sweep     {sw.get('completed')}/{sw.get('trials')} trials, best {_fmt(sw.get('best_metric'))} "
+              f"with {sw.get('best_config')}")
     if "predict" in s:
         pr = s["predict"]
         best = {name: rows[0]["video_id"] for name, rows in pr["top_videos"].items() if rows}
         say(f"  predict   {pr['videos']} unseen videos, {pr['frames']} frames scored -> {pr['out']}; "
             f"{len(pr['files']['gradcam'])} Grad-CAM overlays")
         say(f"            top video per finding: {best}")
-    if "simulate" in s:
-        sim = s["simulate"]
-        say(f"  simulate  {sim.get('experiments')} experiments, {sim.get('rounds')} rounds; report {sim.get('report')}")
-        for name, row in (sim.get("strategies") or {}).items():
-            say(f"            {name:<14} AULC {_fmt(row.get('aulc'))}  final mAP {_fmt(row.get('final_map'))}")
     if "query" in s:
         q = s["query"]
         say(f"  query     {q['strategy']}, {q['labelled_videos']} labelled: label next {q['next']} "
             f"(+{q['machine_proposals']} machine proposals) -> {q['out']}")
-    if "sweep" in s:
-        sw = s["sweep"]
-        say(f"  sweep     {sw.get('completed')}/{sw.get('trials')} trials, best {_fmt(sw.get('best_metric'))} "
-              f"with {sw.get('best_config')}")
     say(f"  total     {summary['seconds']} s; outputs under {summary['work_dir']}")

@@ -26,7 +26,7 @@ def test_demo_runs_every_stage_and_prints_its_table(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=1440)
     assert done.returncode == 0, done.stderr[-4000:]
     table = done.stderr[done.stderr.index("sonoray demo: results"):]  # with --json, humans read stderr
-    for row in ("ingest", "frames", "pretrain", "evaluate", "msml", "predict", "simulate", "query", "sweep", "total"):
+    for row in ("ingest", "frames", "pretrain", "evaluate", "msml", "simulate", "sweep", "predict", "query", "total"):
         assert f"  {row}" in table, row
     summary = json.loads(done.stdout)  # and stdout is the one JSON object, whole
     stages = summary["stages"]
