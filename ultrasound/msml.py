@@ -33,6 +33,7 @@ from ultrasound.config import coerce_fields
 from ultrasound.backbone import FEATURE_DIM, ResNet18Backbone
 from ultrasound.augment import normalize_frames, resize_square, to_float_chw
 from ultrasound.losses.multilabel import AsymmetricLoss, WeightedBCE
+from ultrasound.multilabel_metrics import positive_balance
 
 LOSSES = ("bce", "asymmetric")
 POS_WEIGHT_MODES = ("auto", "none")
@@ -241,14 +242,8 @@ def positive_weights(labels: np.ndarray, max_weight: float = 50.0) -> PositiveWe
         [3.0, 1.0]
     """
     labels = _check_binary_matrix(labels, "labels")
-    if max_weight < 1:
-        raise ValueError(f"max_weight must be >= 1, got {max_weight}")
-    positives = labels.sum(axis=0).astype(np.float64)
-    negatives = labels.shape[0] - positives
-    ratio = np.divide(negatives, positives, out=np.ones_like(positives), where=positives > 0)
-    weights = np.clip(ratio, 1.0 / max_weight, max_weight).astype(np.float32)
-    missing = tuple(int(i) for i in np.flatnonzero(positives == 0))
-    return PositiveWeights(weights=weights, no_positives=missing)
+    missing = tuple(int(i) for i in np.flatnonzero(labels.sum(axis=0) == 0))
+    return PositiveWeights(weights=positive_balance(labels, max_weight), no_positives=missing)
 
 
 def build_loss(config: MSMLConfig, train_labels: np.ndarray | None = None) -> nn.Module:

@@ -83,3 +83,23 @@ def multilabel_report(
         "threshold": float(threshold),
         "n_samples": int(y_true.shape[0]),
     }
+
+
+def positive_balance(labels: np.ndarray, max_weight: float = 50.0) -> np.ndarray:
+    """The one "#negatives / #positives, clipped" rule of the weighted BCE losses (MSML's
+    ``pos_weight="auto"`` and the simulator head's): per finding, clipped to
+    ``[1/max_weight, max_weight]``; 1 for a finding without positives (its term never fires).
+
+    Shape: labels ``(N, L)`` 0/1 (any numeric dtype) -> ``(L,)`` float32.
+
+    Example:
+        >>> positive_balance(np.array([[1, 0], [0, 0], [0, 0], [0, 0]])).tolist()
+        [3.0, 1.0]
+    """
+    if max_weight < 1:
+        raise ValueError(f"max_weight must be >= 1, got {max_weight}")
+    labels = np.asarray(labels)
+    positives = labels.sum(axis=0).astype(np.float64)
+    negatives = labels.shape[0] - positives
+    ratio = np.divide(negatives, positives, out=np.ones_like(positives), where=positives > 0)
+    return np.clip(ratio, 1.0 / max_weight, max_weight).astype(np.float32)

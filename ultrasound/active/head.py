@@ -20,6 +20,7 @@ from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
 from ultrasound.active.correlation import check_label_matrix
+from ultrasound.multilabel_metrics import positive_balance
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,9 +158,7 @@ def positive_weights(pos_weight: str | np.ndarray | None, y: np.ndarray, max_pos
     if isinstance(pos_weight, str):
         if pos_weight != "auto":
             raise ValueError(f"pos_weight must be None, 'auto' or an (L,) array, got {pos_weight!r}")
-        positives = y.sum(axis=0)
-        ratio = np.divide(y.shape[0] - positives, positives, out=np.ones(num, np.float32), where=positives > 0)
-        return np.clip(ratio, 1.0 / max_pos_weight, max_pos_weight).astype(np.float32)
+        return positive_balance(y, max_pos_weight)
     pw = np.asarray(pos_weight, dtype=np.float32).ravel()
     if pw.shape[0] != num or not np.isfinite(pw).all() or (pw <= 0).any():
         raise ValueError(f"pos_weight array must be (L,)=({num},), finite and > 0")
