@@ -59,10 +59,8 @@ class ExperimentKind:
 
     def build(self, config: "SimulationConfig") -> Strategy:
         """The query strategy with its parameters (config-backed ones read from ``config``)."""
-        if self.cls is not None and self.strategy not in STRATEGIES:
-            STRATEGIES[self.strategy] = self.cls  # registered in the driver, not in this process
-        return make_strategy(self.strategy, **{p: getattr(config, f) for p, f in self.config_params.items()},
-                             **self.params)
+        return make_strategy(self.strategy, self.cls,  # cls: registered in the driver, maybe not here
+                             **{p: getattr(config, f) for p, f in self.config_params.items()}, **self.params)
 
 
 KINDS: dict[str, ExperimentKind] = {}

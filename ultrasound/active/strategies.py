@@ -269,14 +269,15 @@ STRATEGIES: dict[str, type] = {
 }
 
 
-def make_strategy(name: str, **params: Any) -> Strategy:
-    """Build a strategy by name, e.g. ``make_strategy("mlm", correlation_weight=0.3)``.
+def make_strategy(name: str, cls: type | None = None, **params: Any) -> Strategy:
+    """Build a strategy by name, e.g. ``make_strategy("mlm", correlation_weight=0.3)``, or from
+    its class ``cls`` (a strategy registered in another process: nothing global changes here).
 
     Unknown names or parameters raise ``ValueError`` naming the valid ones.
     """
-    if name not in STRATEGIES:
+    if cls is None and name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; valid: {sorted(STRATEGIES)}")
-    cls = STRATEGIES[name]
+    cls = cls or STRATEGIES[name]
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(params) - set(valid))
     if unknown:
