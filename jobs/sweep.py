@@ -96,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
     path = resolve_spec_path(args.spec)
     try:  # before Ray starts: a bad SPEC costs nothing
         spec = load_sweep_spec(path, args.data, args.overrides)
-    except SpecError as err:
-        raise UserError(f"{path}: {err}") from None
+    except SpecError as err:  # name the file once: load_spec's own messages may already hold it
+        text = str(err)
+        raise UserError(text if str(path) in text else f"{path}: {text}") from None
     except ConfigError as err:
         raise UserError(str(err)) from None
     out = args.out or str(Path("sweeps") / spec.name)
