@@ -211,7 +211,9 @@ def gradcam_pngs(data: IngestedDataset, loaded: LoadedMSML, predictions: Predict
                         raw, "." + row["key"].rsplit(".", 1)[-1], sampling,
                         FrameFormat(channels=config.channels, size=size),
                         frame_count=int(row.get("frame_count") or 0) or None, fps=float(row.get("fps") or 0) or None)}
-        small, big = decoded[(video_id, config.image_size)][index], decoded[(video_id, display)][index]
+        small, big = decoded[(video_id, config.image_size)].get(index), decoded[(video_id, display)].get(index)
+        if small is None or big is None:  # the stream sampled a frame this decode did not: no overlay
+            continue
         heat = grad_cam(loaded.model, prepare_images(small[None], config.image_size, config.channels),
                         predictions.findings.index(name))
         gray = big[..., 0] if big.shape[-1] == 1 else cv2.cvtColor(big, cv2.COLOR_RGB2GRAY)
