@@ -73,7 +73,11 @@ class TrackerSpec:
         return dataclasses.asdict(self)
 
 
-def _mlflow():
+def _mlflow(uri: str | None = None):
+    if uri is not None and uri.startswith("file:"):
+        # MLflow 3 keeps the file store in "maintenance mode" behind this switch; a local folder is
+        # the store that needs no server and no database, so sonoray opts in for file: URIs only
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
@@ -117,7 +121,7 @@ class Tracker:
     def __init__(self, spec: TrackerSpec) -> None:
         self.spec = spec
         if spec.kind == "mlflow":
-            self.client = _mlflow()(tracking_uri=spec.uri)
+            self.client = _mlflow(spec.uri)(tracking_uri=spec.uri)
         else:
             self.writer = _summary_writer()(logdir=spec.run_id)
 
@@ -166,7 +170,7 @@ def start_run(spec: TrackerSpec, params: Mapping[str, Any]) -> TrackerSpec:
     """Open the run (driver side) and log ``params``; returns the spec with its ``run_id``."""
     name = spec.run_name or time.strftime("%Y%m%d-%H%M%S")
     if spec.kind == "mlflow":
-        client = _mlflow()(tracking_uri=spec.uri)
+        client = _mlflow(spec.uri)(tracking_uri=spec.uri)
         found = client.get_experiment_by_name(spec.experiment)
         experiment_id = found.experiment_id if found is not None else client.create_experiment(spec.experiment)
         run = client.create_run(experiment_id, run_name=name, tags={"sonoray.job": spec.experiment})

@@ -79,6 +79,7 @@ def assert_mlflow_run_holds_the_epochs(mlruns, losses: list[float]) -> None:
     """The MLflow run rank 0 logged to: every epoch's loss at its step, the settings, the files."""
     from mlflow.tracking import MlflowClient
 
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # what sonoray sets for a local store
     client = MlflowClient(tracking_uri=mlruns.resolve().as_uri())
     experiment = client.get_experiment_by_name("sonoray-pretrain")
     (run,) = client.search_runs([experiment.experiment_id])
