@@ -38,6 +38,7 @@ from cluster.claim import claim_out
 from cluster.completion import FinalFiles
 from cluster.dataset import IngestedDataset
 from cluster.frames import StreamSpec, collect_frames, frame_stream
+from cluster.progress import format_eta
 from cluster.storage import Location, Storage, parse_uri
 from cluster.tracking import TrackedRun, TrackerSpec
 from cluster.train import (
@@ -272,9 +273,11 @@ def msml_train_loop(loop_config: dict) -> None:
         metrics["seconds"] = round(time.perf_counter() - began, 2)
         history.append(metrics)
         if ctx.rank == 0:
+            left = config.epochs - epoch - 1
+            eta = f", ETA {format_eta(metrics['seconds'] * left)}" if left else ""
             sys.stderr.write(f"msml: epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f} "
                              f"val mAP {metrics['val_map']:.3f} macro-F1 {metrics['val_macro_f1']:.3f} "
-                             f"({count} frames, {metrics['seconds']:.1f} s)\n")
+                             f"({count} frames, {metrics['seconds']:.1f} s{eta})\n")
             sys.stderr.flush()
         report_epoch(metrics, state(epoch + 1), ctx.rank)
 

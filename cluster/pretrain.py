@@ -42,6 +42,7 @@ from cluster.completion import FinalFiles
 from cluster.dataset import IngestedDataset
 from cluster.evaluate import HoldoutSpec
 from cluster.frames import StreamSpec, frame_stream
+from cluster.progress import format_eta
 from cluster.storage import Storage, parse_uri
 from cluster.tracking import TrackedRun, TrackerSpec
 from cluster.train import (
@@ -369,8 +370,10 @@ def pretrain_loop(config: dict) -> None:
         report_epoch(metrics, state, ctx.rank)
         if ctx.rank == 0:  # the worker's stderr reaches the driver's (print would log it twice)
             skipped = f", {inputs.skipped} video(s) skipped" if inputs.skipped else ""
+            left = cfg.epochs - epoch - 1
+            eta = f", ETA {format_eta(seconds * left)}" if left else ""
             sys.stderr.write(f"pretrain: epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f} "
-                             f"{metrics['images_per_s']:.1f} images/s lr {lr:.2e}{skipped}\n")
+                             f"{metrics['images_per_s']:.1f} images/s lr {lr:.2e}{skipped}{eta}\n")
             sys.stderr.flush()
     if restored is not None and start >= cfg.epochs:  # resumed a finished run: nothing to train,
         last = restored["history"][-1]               # report its state again so it is the result
