@@ -116,8 +116,8 @@ def ingest_in_place(
 
     def process(record: VideoRecord) -> tuple[VideoRecord, dict | None, str]:
         location = source.join(record.path)
-        head = storage._head(location)
-        if head is None:
+        size = storage.size_of(location)
+        if size is None:
             return record, None, "video not found in the bucket"
         with tempfile.TemporaryDirectory(prefix="sonoray-inplace-") as folder:
             local = Path(folder, Path(record.path).name)
@@ -126,7 +126,7 @@ def ingest_in_place(
                 info = count_frames(local)
             except VideoError as err:
                 return record, None, f"undecodable video: {err}"
-        return record, _manifest_row(record, location.uri, info, int(head.get("ContentLength", 0)), sha), ""
+        return record, _manifest_row(record, location.uri, info, size, sha), ""
 
     rows: list[dict] = []
     started = time.perf_counter()

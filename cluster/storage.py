@@ -204,6 +204,17 @@ class Storage:
         path = Path(location.key)
         return file_sha256(path) if path.is_file() else None
 
+    def size_of(self, location: Location) -> int | None:
+        """An object's size in bytes (one HEAD request on S3, a stat locally); None when there
+        is no object."""
+        if location.is_s3:
+            head = self._head(location)
+            return None if head is None else int(head.get("ContentLength", 0))
+        try:
+            return os.stat(location.key).st_size
+        except FileNotFoundError:
+            return None
+
     def _head(self, location: Location) -> dict | None:
         """An S3 object's HEAD response, or None when there is no object."""
         from botocore.exceptions import BotoCoreError, ClientError

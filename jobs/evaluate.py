@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--split-seeds: expected integers like 0,1,2, got {args.split_seeds!r}") from None
         if not seeds or len(set(seeds)) != len(seeds):
             raise UserError(f"--split-seeds: expected distinct integers, got {args.split_seeds!r}")
+    # built again on purpose: --config / --set may have set endpoint_url, and the job must use it
     storage = storage_from(args)
     out = _out_location(args.out) if args.out else None
     progress(connect_ray(args))

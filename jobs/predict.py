@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         out = parse_uri(args.out)
     except ValueError as err:
         raise UserError(str(err)) from None
+    # built again on purpose: --config / --set may have set endpoint_url, and the job must use it
     storage = storage_from(args)
     try:
         model = load_msml(args.model, storage)  # a wrong --model fails before Ray starts

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.budget < 1:
         raise UserError(f"--budget must be >= 1, got {args.budget}")
     spec = sample_spec_from(args)
+    # built again on purpose: --config / --set may have set endpoint_url, and the job must use it
     storage = storage_from(args)
     try:
         out = parse_uri(args.out)

@@ -82,3 +82,17 @@ def test_an_endpoint_that_accepts_and_never_answers_fails_the_check_within_15_s_
         elapsed = time.monotonic() - began
     assert elapsed <= 15, elapsed
     assert str(err.value).startswith(f"cannot reach the S3 endpoint {endpoint}: "), str(err.value)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_size_of_is_the_byte_count_or_none_when_absent(where, tmp_path, request):
+    if where == "s3":
+        storage = request.getfixturevalue("storage")
+        root = parse_uri("s3://size-of/prefix")
+        storage.check(root, create_bucket=True)
+    else:
+        storage, root = Storage(StorageConfig()), parse_uri(str(tmp_path))
+    target = root.join("video.bin")
+    assert storage.size_of(target) is None
+    storage.write_bytes(target, b"x" * 12345)
+    assert storage.size_of(target) == 12345
