@@ -64,14 +64,19 @@ def test_cache_is_built_once_reused_and_equals_fresh_decoding(ray_cluster, phant
         assert shard_gets(state) == len(data.rows)
         assert second.cache_stats()["hits"] == len(data.rows)
 
-        # a later pass: the decode workers kept the shards they parsed; one HEAD each, no GET
-        state.gets.clear()
-        third = frame_stream(data, StreamSpec(fmt=FMT))
-        kept = frames_by_key(third)
-        stats = third.cache_stats()
-        assert stats["hits"] == stats["kept"] + stats["fetched"] == len(data.rows)
-        assert stats["kept"] > 0 and shard_gets(state) == stats["fetched"]
-        assert kept.keys() == cached.keys() and all(np.array_equal(kept[k], cached[k]) for k in kept)
+        # later passes: the decode workers kept the shards they parsed; one HEAD each, no GET.
+        # Two passes, since Ray may start fresh worker processes for the first of them
+        kept_total = 0
+        for _ in range(2):
+            state.gets.clear()
+            later = frame_stream(data, StreamSpec(fmt=FMT))
+            kept = frames_by_key(later)
+            stats = later.cache_stats()
+            assert stats["hits"] == stats["kept"] + stats["fetched"] == len(data.rows)
+            assert shard_gets(state) == stats["fetched"]
+            assert kept.keys() == cached.keys() and all(np.array_equal(kept[k], cached[k]) for k in kept)
+            kept_total += stats["kept"]
+        assert kept_total > 0
 
     assert fresh.keys() == built.keys() == cached.keys()
     assert sum(r["frame_count"] for r in data.rows) == len(fresh)
