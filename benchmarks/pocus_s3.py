@@ -1,5 +1,6 @@
 """What the POCUS benchmarks share: the videos ingested into a loopback S3 server for the run,
-and a timestamped progress line on stderr."""
+the frame-embeddings table of the simulation benchmarks (flags and cached build), and a
+timestamped progress line on stderr."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 DATA_URI = "s3://bench/pocus"
 
@@ -32,3 +35,34 @@ def pocus_in_loopback_s3(pocus: Path, uri: str = DATA_URI) -> Iterator:
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def add_embedding_args(parser, work_default: str = "/tmp/sonoray-bench-simulate") -> None:
+    """The flags that pick the POCUS folder, the work folder (ingest and embeddings cache) and the
+    trunk that embeds the frames."""
+    parser.add_argument("--pocus", type=Path, default=REPO.parent / "shared" / "data" / "pocus")
+    parser.add_argument("--work", type=Path, default=Path(work_default))
+    parser.add_argument("--init", default=None, help="USCL checkpoint (model.pt) for the trunk")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=3,
+                        help="trunk input channels (1 for a grayscale checkpoint)")
+
+
+def pocus_embeddings(args, storage) -> tuple:
+    """Ingest POCUS under ``args.work/pocus``, connect Ray, and embed its frames (3 fps, at most
+    30 per video) with the trunk of ``args``, cached under ``args.work/cache``: ``(table,
+    from_cache)``."""
+    from cluster.dataset import load_dataset
+    from cluster.embeddings import SampleSpec, load_samples
+    from cluster.ingest import ingest_videos
+    from cluster.runtime import connect
+    from cluster.storage import parse_uri
+    from ultrasound.manifest import parse_pocus
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    data_uri = str(args.work / "pocus")
+    records, skipped, findings = parse_pocus(args.pocus)
+    ingest_videos(records, skipped, args.pocus, data_uri, findings, source_format="pocus", storage=storage)
+    log(connect())
+    spec = SampleSpec(fps=3.0, max_per_video=30, size=args.size, channels=args.channels, init=args.init)
+    return load_samples(load_dataset(data_uri, storage), spec, parse_uri(str(args.work / "cache")), storage, log)

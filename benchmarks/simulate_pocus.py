@@ -4,26 +4,28 @@ Steps (each timed; the embeddings are computed once and cached, outside every ot
 
 1. ingest POCUS into a local folder and embed its frames (3 fps, at most 30 per video) with a
    frozen ResNet-18: random init by default, or ``--init`` a USCL checkpoint;
-2. quality: 6 strategies x 5 seeds, 5% initial + 5% per round up to 50% labelled; the table,
-   the learning curves (PNG) and the two targets: TSAL above random on AULC beyond the seed
-   spread, and TSAL at 20% labelled >= 95% of the full-data mAP. Run on the 512-d embeddings
-   and on their top-32 principal components (``--quality-dims``);
-3. speed: 6 strategies x ``--speed-seeds`` (20) experiments (projection ``--fast-dims``, 32 by
-   default: the head fit is most of a round) with all CPUs (Ray tasks) vs one after the other in
-   this process, alternating, best of ``--speed-repeats`` each (the load of a shared machine
-   changes from minute to minute); experiments per minute of each, their ratio (target >= 1.7 on
-   2 CPUs) and the cost per experiment-round; then a CPU probe: CPU seconds per round of the
-   same experiments in this process and inside one Ray task (plus the oracle actor's CPU), which
-   separates the Ray path's own overhead from the CPU that other users of a shared machine take;
-4. scale: about 1,000 experiments x 10 rounds (the 6 strategies x ceil(1000 / 6) seeds, the
-   ``--fast-dims`` projection) with all CPUs; target <= 30 minutes on a 2-CPU machine.
+2. quality: every strategy (all registered kinds: TSAL, its two streams alone, the baselines)
+   x ``--seeds`` (20), 5% initial + 5% per round up to 50% labelled, for each query unit
+   (``--units``: frames, and whole videos at one video's cost) and each projection
+   (``--quality-dims``: the 512-d embeddings and their top 32 principal components); the
+   table, the learning curves (PNG) and the targets: TSAL above random on AULC with a paired 95%
+   bootstrap CI excluding 0, and TSAL's machine-label precision >= 0.95;
+3. speed: the same experiments (projection ``--fast-dims``, 32 by default) with all CPUs (Ray
+   tasks, one batch of experiments each) vs in this process, alternating, best of
+   ``--speed-repeats`` each (the load of a shared machine changes from minute to minute): their
+   ratio (target >= 1.7 on 2 CPUs); and in this process batched vs one experiment at a time
+   (what the batched head solve and the lockstep rounds buy); then a CPU probe: CPU seconds
+   per round of one batch in this process and inside one Ray task (plus the oracle actor's CPU);
+4. scale: ``--scale-experiments`` (10,000) experiments x 10 rounds (every strategy x
+   ceil(10000 / strategies) seeds, the ``--fast-dims`` projection) with all CPUs; target
+   <= 30 minutes on a 2-CPU machine.
 
 The machine's load average is recorded before each timed step: on a shared machine the timings
 only mean something when it is near the CPU count.
 
 Usage: python benchmarks/simulate_pocus.py [--pocus DIR] [--work DIR] [--init CKPT] [--skip-scale]
        python benchmarks/simulate_pocus.py --init simclr/model.pt --size 64 --channels 1 \
-           --results simulate_pocus_simclr --work /tmp/bench-simclr --skip-speed --skip-probe --skip-scale
+           --results simulate_pocus_simclr --work /tmp/bench-simclr
 Writes benchmarks/results/<--results>.json (default simulate_pocus.json; merged with the steps of earlier runs that this one
 skipped) and the curves PNGs, prints the JSON.
 """
@@ -42,9 +44,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.pocus_s3 import log  # noqa: E402
+from benchmarks.pocus_s3 import add_embedding_args, log, pocus_embeddings  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
-STRATEGIES = ("tsal", "random", "least_margin", "mean_entropy", "lci", "adaptive")
+
 
 
 def load_average() -> list[float]:
@@ -98,21 +100,19 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 def _probe_experiments(specs, config, features, splits, findings, oracle, out_uri) -> tuple[float, float, int]:
-    from cluster.simulate import run_experiment
+    from cluster.sim_executors import run_batch
     from cluster.storage import Storage, parse_uri
 
     cpu, wall = time.process_time(), time.perf_counter()
-    rounds = 0
-    for spec in specs:
-        rounds += run_experiment(spec, config, features, splits[spec.seed], findings, oracle, Storage(),
-                                 parse_uri(out_uri))["computed"]
+    results = run_batch(specs, config, features, splits, findings, oracle, Storage(), parse_uri(out_uri))
+    rounds = sum(r["computed"] for r in results)
     return time.process_time() - cpu, time.perf_counter() - wall, rounds
 
 
-def cpu_probe(table, config, work: Path, n_experiments: int = 12) -> dict:
-    """CPU seconds per experiment-round of the same experiments run (a) in this process with an
-    in-process oracle and (b) in one Ray task talking to the Oracle actor, whose own CPU is read
-    from /proc."""
+def cpu_probe(table, config, work: Path, n_experiments: int = 48) -> dict:
+    """CPU seconds per experiment-round of the same batch of experiments run (a) in this process
+    with an in-process oracle and (b) in one Ray task talking to the Oracle actor, whose own CPU
+    is read from /proc."""
     import dataclasses
 
     import ray
@@ -150,24 +150,20 @@ def cpu_probe(table, config, work: Path, n_experiments: int = 12) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pocus", type=Path, default=REPO.parent / "shared" / "data" / "pocus")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/sonoray-bench-simulate"))
-    parser.add_argument("--init", default=None, help="USCL checkpoint (model.pt) for the trunk")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--channels", type=int, choices=[1, 3], default=3,
-                        help="trunk input channels (1 for a grayscale checkpoint)")
+    add_embedding_args(parser)
     parser.add_argument("--results", default="simulate_pocus",
                         help="stem of the results JSON and curve PNGs under benchmarks/results/")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--units", default="frame,video", help="quality runs: query units (default frame,video)")
     parser.add_argument("--rounds", type=int, default=9, help="quality run: 5%% + 9 x 5%% = 50%% labelled")
-    parser.add_argument("--scale-experiments", type=int, default=1000)
+    parser.add_argument("--scale-experiments", type=int, default=10000)
     parser.add_argument("--scale-rounds", type=int, default=10)
     parser.add_argument("--quality-dims", type=dims_list, default=[None, 32],
                         help="quality runs: embedding projections, 'full' = none (default full,32)")
     parser.add_argument("--fast-dims", type=lambda v: None if v == "full" else int(v), default=32,
                         help="projection used by the speed and scale runs (default 32; 'full' = none)")
-    parser.add_argument("--speed-seeds", type=int, default=20,
-                        help="speed runs: 6 strategies x this many seeds (default 20: long enough that "
+    parser.add_argument("--speed-seeds", type=int, default=40,
+                        help="speed runs: every strategy x this many seeds (default 40: long enough that "
                         "starting Ray's workers is not most of the time)")
     parser.add_argument("--speed-repeats", type=int, default=2,
                         help="alternating Ray / serial repeats; the best of each is compared (default 2)")
@@ -177,13 +173,11 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="delete earlier results under --work first")
     args = parser.parse_args()
 
-    from cluster.dataset import load_dataset
-    from cluster.embeddings import SampleSpec, load_samples
-    from cluster.ingest import ingest_videos
-    from cluster.runtime import cluster_cpus, connect
-    from cluster.simulate import SimulationConfig, simulate_table
+    from cluster.runtime import cluster_cpus
+    from cluster.simulate import KINDS, SimulationConfig, simulate_table
     from cluster.storage import Storage, parse_uri
-    from ultrasound.manifest import parse_pocus
+
+    strategies = tuple(KINDS)
 
     # Ray starts its workers at niceness 15 and the driver (where the serial baseline runs) at
     # 0. On a shared, busy machine that alone makes Ray look slower than one process. This
@@ -199,17 +193,10 @@ def main() -> None:
                                 "ray_worker_niceness": int(os.environ["RAY_worker_niceness"]),
                                 "load_average_start": load_average()}}
 
-    data_uri = str(args.work / "pocus")
-    records, skipped, findings = parse_pocus(args.pocus)
-    ingest_videos(records, skipped, args.pocus, data_uri, findings, source_format="pocus", storage=storage)
-    data = load_dataset(data_uri, storage)
-    log(connect())
+    started = time.perf_counter()
+    table, cached = pocus_embeddings(args, storage)
     cpus = int(cluster_cpus())
     report["machine"]["ray_cpus"] = cpus
-
-    spec = SampleSpec(fps=3.0, max_per_video=30, size=args.size, channels=args.channels, init=args.init)
-    started = time.perf_counter()
-    table, cached = load_samples(data, spec, parse_uri(str(args.work / "cache")), storage, log)
     report["embeddings"] = {"frames": len(table), "videos": int(len(set(table.video_id.tolist()))),
                             "findings": list(table.findings), "positives": table.labels.sum(axis=0).tolist(),
                             "trunk": f"USCL checkpoint {args.init}" if args.init else "ResNet-18, random init (seed 0)",
@@ -219,59 +206,63 @@ def main() -> None:
 
     # 2. quality ------------------------------------------------------------------------------
     report["quality"] = {}
-    for dims in args.quality_dims:
-        name = "full" if dims is None else f"pca{dims}"
-        quality = SimulationConfig(strategies=STRATEGIES, seeds=args.seeds, initial=0.05, per_round=0.05,
-                                   rounds=args.rounds, embedding_dims=dims)
-        started = time.perf_counter()
-        result = simulate_table(table, quality, str(args.work / f"quality-{name}"), storage, on_progress=log)
-        seconds = time.perf_counter() - started
-        summary = result.report["summary"]
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        png_name = f"{args.results}_curves.png" if dims is None else f"{args.results}_curves_{name}.png"
-        (RESULTS / png_name).write_bytes(storage.read_bytes(parse_uri(result.report["png_uri"])))
-        s = summary["strategies"]
-        tsal, rand = s["tsal"], s["random"]
-        paired = [tsal["aulc_per_seed"][k] - rand["aulc_per_seed"][k] for k in tsal["aulc_per_seed"]]
-        mean_d = sum(paired) / len(paired)
-        sd_d = math.sqrt(sum((d - mean_d) ** 2 for d in paired) / (len(paired) - 1)) if len(paired) > 1 else 0.0
-        spread = max(tsal["aulc_std"], rand["aulc_std"])
-        share20 = tsal["map_share_at"].get("0.2")
-        report["quality"][name] = {
-            "embedding_dims": dims, "png": f"benchmarks/results/{png_name}", "config": quality.to_dict(),
-            "experiments": result.experiments, "rounds_computed": result.rounds,
-            "rounds_resumed": result.resumed_rounds, "seconds": round(seconds, 1), "range": summary["range"],
-            "table_markdown": result.report["markdown"], "strategies": s,
-            "targets": {
-                "tsal_aulc_minus_random": round(tsal["aulc"] - rand["aulc"], 4),
-                "seed_spread_sd_max": round(spread, 4),
-                "paired_difference_mean_sd": [round(mean_d, 4), round(sd_d, 4)],
-                "tsal_wins_seeds": sum(d > 0 for d in paired),
-                "tsal_above_random_beyond_spread": bool(tsal["aulc"] - rand["aulc"] > spread),
-                "tsal_map_share_at_20pct": share20,
-                "tsal_20pct_reaches_95pct_of_full": bool(share20 is not None and share20 >= 0.95),
-            },
-        }
-        log(f"quality {name}: {report['quality'][name]['targets']}")
-        print(result.report["markdown"], file=sys.stderr)
-    fast = SimulationConfig(strategies=STRATEGIES, seeds=args.speed_seeds, initial=0.05, per_round=0.05,
+    for unit in args.units.split(","):
+        for dims in args.quality_dims:
+            name = ("full" if dims is None else f"pca{dims}") + ("" if unit == "frame" else f"-{unit}")
+            quality = SimulationConfig(strategies=strategies, seeds=args.seeds, initial=0.05, per_round=0.05,
+                                       rounds=args.rounds, embedding_dims=dims, query_unit=unit,
+                                       cost_unit="video" if unit == "video" else "frame")
+            started = time.perf_counter()
+            result = simulate_table(table, quality, str(args.work / f"quality-{name}"), storage, on_progress=log,
+                                    progress_every_s=60)
+            seconds = time.perf_counter() - started
+            summary = result.report["summary"]
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            png_name = f"{args.results}_curves.png" if name == "full" else f"{args.results}_curves_{name}.png"
+            (RESULTS / png_name).write_bytes(storage.read_bytes(parse_uri(result.report["png_uri"])))
+            s = summary["strategies"]
+            tsal = s["tsal"]
+            vs = tsal["vs_random"] or {}
+            share20 = tsal["map_share_at"].get("0.2")
+            report["quality"][name] = {
+                "embedding_dims": dims, "query_unit": unit, "png": f"benchmarks/results/{png_name}",
+                "config": quality.to_dict(), "experiments": result.experiments, "failed": len(result.failed),
+                "rounds_computed": result.rounds, "rounds_resumed": result.resumed_rounds,
+                "seconds": round(seconds, 1), "range": summary["range"],
+                "table_markdown": result.report["markdown"], "strategies": s,
+                "targets": {
+                    "tsal_minus_random_aulc": vs.get("mean"),
+                    "tsal_minus_random_ci95": [vs.get("low"), vs.get("high")],
+                    "tsal_wins_losses": [vs.get("wins"), vs.get("losses")],
+                    "tsal_above_random_ci_excludes_0": bool(vs and vs["low"] > 0),
+                    "tsal_machine_precision": tsal["machine_precision"],
+                    "machine_precision_at_least_095": bool(tsal["machine_precision"] is not None
+                                                           and tsal["machine_precision"] >= 0.95),
+                    "tsal_map_share_at_20pct": share20,
+                    "tsal_labels_to_95pct": tsal["labels_to_target"],
+                },
+            }
+            log(f"quality {name}: {report['quality'][name]['targets']}")
+            print(result.report["markdown"], file=sys.stderr)
+    fast = SimulationConfig(strategies=strategies, seeds=args.speed_seeds, initial=0.05, per_round=0.05,
                             rounds=args.rounds, embedding_dims=args.fast_dims)
 
     # 3. speed: all CPUs vs serial, same experiments ------------------------------------------------
     if not args.skip_speed:
-        log(f"speed: {len(STRATEGIES) * args.speed_seeds} experiments x {args.rounds + 1} rounds, each way, "
+        log(f"speed: {len(strategies) * args.speed_seeds} experiments x {args.rounds + 1} rounds, each way, "
              f"{args.speed_repeats} alternating repeats")
-        runs: dict[str, list[dict]] = {"ray": [], "serial": []}
+        runs: dict[str, list[dict]] = {"ray": [], "serial": [], "serial_one_at_a_time": []}
         for repeat in range(args.speed_repeats):
-            order = ("ray", "serial") if repeat % 2 == 0 else ("serial", "ray")
-            for executor in order:
+            order = ("ray", "serial", "serial_one_at_a_time")
+            for executor in order if repeat % 2 == 0 else order[::-1]:
                 out = args.work / f"speed-{executor}"
                 shutil.rmtree(out, ignore_errors=True)
                 load_before = load_average()
                 cpu_before = cpu_snapshot()
                 started = time.perf_counter()
-                r = simulate_table(table, fast, str(out), storage, executor=executor, report=False,
-                                   on_progress=log)
+                one = executor == "serial_one_at_a_time"
+                r = simulate_table(table, fast, str(out), storage, executor="serial" if one else executor,
+                                   report=False, on_progress=log, batch_size=1 if one else None)
                 seconds = time.perf_counter() - started
                 cpu = cpu_used(cpu_before, cpu_snapshot())
                 assert not r.failed, r.failed
@@ -287,8 +278,11 @@ def main() -> None:
                 log(f"speed {executor}: {runs[executor][-1]}")
         best = {k: max(v, key=lambda run: run["experiments_per_min"]) for k, v in runs.items()}
         ratio = best["ray"]["experiments_per_min"] / best["serial"]["experiments_per_min"]
+        batching = best["serial"]["experiments_per_min"] / best["serial_one_at_a_time"]["experiments_per_min"]
         report["speed"] = {"runs": runs, "best": best, "embedding_dims": args.fast_dims,
-                           "ratio_best": round(ratio, 2), "target_ratio": 1.7, "met": bool(ratio >= 1.7)}
+                           "ratio_best": round(ratio, 2), "target_ratio": 1.7, "met": bool(ratio >= 1.7),
+                           "batched_over_one_at_a_time_in_process": round(batching, 2),
+                           "ray_over_one_at_a_time_in_process": round(ratio * batching, 2)}
 
     # 3b. CPU cost of a round in this process vs inside a Ray worker (one task, nothing else of
     # ours running): separates the Ray path's own overhead from the CPU other users take
@@ -298,8 +292,8 @@ def main() -> None:
 
     # 4. scale --------------------------------------------------------------------------------------
     if not args.skip_scale:
-        seeds = math.ceil(args.scale_experiments / len(STRATEGIES))
-        scale = SimulationConfig(strategies=STRATEGIES, seeds=seeds, initial=0.05, per_round=0.045,
+        seeds = math.ceil(args.scale_experiments / len(strategies))
+        scale = SimulationConfig(strategies=strategies, seeds=seeds, initial=0.05, per_round=0.045,
                                  rounds=args.scale_rounds, embedding_dims=args.fast_dims)
         out = args.work / "scale"
         shutil.rmtree(out, ignore_errors=True)

@@ -174,6 +174,18 @@ class OracleBook:
         return {"labels": labels, "costs": costs, "audit_labels": audit_labels, "audit_costs": audit_costs,
                 "grade": grade}
 
+    def answer_rounds(self, requests: Iterable[tuple]) -> list[dict | OracleError]:
+        """Many :meth:`answer_round` calls in one (a batch of experiments, one actor round trip):
+        each request's ``(asker, round, queries, audits, proposed, proposed_labels)`` answer, or
+        the :class:`OracleError` it raised (that experiment fails, the others go on), in order."""
+        out: list[dict | OracleError] = []
+        for args in requests:
+            try:
+                out.append(self.answer_round(*args))
+            except OracleError as err:
+                out.append(err)
+        return out
+
     # -- recovery ---------------------------------------------------------------------------
     def restore(self, asker: str, answers: Iterable[Mapping]) -> None:
         """Rebuild ``asker``'s ledger from persisted answers ``{"index", "round", "kind",

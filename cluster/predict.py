@@ -200,12 +200,15 @@ def gradcam_pngs(data: IngestedDataset, loaded: LoadedMSML, predictions: Predict
     display = max(DISPLAY_SIZE, config.image_size)
     rows = {str(r["video_id"]): r for r in data.rows}
     decoded: dict[tuple[str, int], dict[int, np.ndarray]] = {}
+    raw_of: dict[str, bytes] = {}  # each video is read once; it is decoded at the model's size and at display size
     out: dict[str, bytes] = {}
     for video_id, index, name, prob in top_frames(predictions, limit):
         for size in (config.image_size, display):
             if (video_id, size) not in decoded:
                 row = rows[video_id]
-                raw = data.storage.read_bytes(data.video_location(row))
+                if video_id not in raw_of:
+                    raw_of[video_id] = data.storage.read_bytes(data.video_location(row))
+                raw = raw_of[video_id]
                 decoded[(video_id, size)] = {
                     i: image for i, _, image in decode_bytes(
                         raw, "." + row["key"].rsplit(".", 1)[-1], sampling,

@@ -94,27 +94,33 @@ def simulate_table(
     storage: Storage,
     *,
     executor: str = "ray",
-    cpus_per_experiment: float = 0.5,
-    gpus_per_experiment: float = 0.0,
+    cpus_per_task: float = 1.0,
+    gpus_per_task: float = 0.0,
     max_retries: int = 3,
     fault: FaultInjection | None = None,
     init_backbone: bytes | None = None,
     on_progress: Callable[[str], None] = lambda message: None,
     progress_every_s: float = 5.0,
     report: bool = True,
+    batch_size: int | None = None,
 ) -> SimulationResult:
     """Run every (strategy, seed) experiment of ``config`` on ``table`` into ``out_uri``.
 
-    ``executor="ray"`` runs them as Ray tasks (``cpus_per_experiment`` each, retried up to
+    ``executor="ray"`` runs them as Ray tasks (one batch each, ``cpus_per_task``, retried up to
     ``max_retries`` times after a crash) with one :class:`Oracle` actor; ``"serial"`` runs them
     one after the other in this process with an in-process :class:`OracleBook` (the benchmark's
-    baseline). Finished experiments are skipped; interrupted ones resume. Failed experiments are
-    listed in the result, not raised.
+    baseline). Either way experiments run in batches of ``batch_size``
+    (:func:`cluster.sim_executors.batch_size` picks one when None): a batch shares one batched
+    head solve and one oracle call per step, and gives the rounds of one-at-a-time runs.
+    Finished experiments are skipped; interrupted ones resume. Failed experiments are listed in
+    the result, not raised.
     """
     if executor not in ("ray", "serial"):
         raise ValueError(f"executor must be ray or serial, got {executor!r}")
-    if cpus_per_experiment <= 0 or gpus_per_experiment < 0 or max_retries < 0:
-        raise ValueError("need cpus_per_experiment > 0, gpus_per_experiment >= 0, max_retries >= 0")
+    if cpus_per_task <= 0 or gpus_per_task < 0 or max_retries < 0:
+        raise ValueError("need cpus_per_task > 0, gpus_per_task >= 0, max_retries >= 0")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (or None: chosen for the run), got {batch_size}")
     if config.mode == "embeddings" and table.kind != "embeddings":
         raise ValueError("embeddings mode needs a table of embeddings (SampleSpec(kind='embeddings'))")
     if config.mode == "finetune" and table.kind != "images":
@@ -142,11 +148,11 @@ def simulate_table(
     failed: list[dict] = []
     if executor == "serial":
         results, failed = run_serial(table, config, todo, todo_refs, splits, storage, out, fault, init_backbone,
-                                     on_progress, progress_every_s, len(specs), len(finished))
+                                     on_progress, progress_every_s, len(specs), len(finished), batch_size)
     else:
         results, failed = run_ray(table, config, todo, todo_refs, splits, storage, out, fault, init_backbone,
                                   on_progress, progress_every_s, len(specs), len(finished),
-                                  cpus_per_experiment, gpus_per_experiment, max_retries)
+                                  cpus_per_task, gpus_per_task, max_retries, batch_size)
     computed = sum(r["computed"] for r in results)
     resumed = sum(r["resumed"] for r in results) + sum(on_disk[e] for e in finished)
     seconds = time.perf_counter() - started

@@ -160,9 +160,15 @@ class Tracker:
                 self.writer.add_text("files", path, 0)
 
     def close(self, status: str = "FINISHED") -> None:
+        """End the run (MLflow: its status; TensorBoard: the event file)."""
         if self.spec.kind == "mlflow":
             self.client.set_terminated(self.spec.run_id, status)
         else:
+            self.writer.close()
+
+    def release(self) -> None:
+        """Let go of this process's handle, the run staying open (other processes log to it)."""
+        if self.spec.kind != "mlflow":
             self.writer.close()
 
 
@@ -179,7 +185,9 @@ def start_run(spec: TrackerSpec, params: Mapping[str, Any]) -> TrackerSpec:
         folder = Path(spec.uri, spec.experiment, name)
         folder.mkdir(parents=True, exist_ok=True)
         started = dataclasses.replace(spec, run_name=name, run_id=str(folder))
-    Tracker(started).params(params)
+    tracker = Tracker(started)
+    tracker.params(params)
+    tracker.release()
     return started
 
 
@@ -205,6 +213,7 @@ class TrackedRun:
         self.requested, self.params = spec, params
         self.spec: TrackerSpec | None = None
         self.paths: list[str] = []
+        self.tracker: Tracker | None = None  # the driver's one client, opened by the first log
 
     def __enter__(self) -> "TrackedRun":
         if self.requested is not None:
@@ -214,7 +223,8 @@ class TrackedRun:
     def log(self, metrics: Mapping[str, Any], step: int = 0) -> None:
         """Metrics from the driver (e.g. a simulation's per-strategy results)."""
         if self.spec is not None:
-            Tracker(self.spec).metrics(metrics, step)
+            self.tracker = self.tracker or Tracker(self.spec)
+            self.tracker.metrics(metrics, step)
 
     def attach_paths(self, paths: list[str]) -> None:
         self.paths += [p for p in paths if "://" not in p]
@@ -225,8 +235,14 @@ class TrackedRun:
             self.paths += [str(Path(files.out.key, name)) for name in files.files]
 
     def __exit__(self, kind, error, trace) -> None:
-        if self.spec is not None:
-            finish_run(self.spec, self.paths, "FAILED" if kind is not None else "FINISHED")
+        if self.spec is None:
+            return
+        status = "FAILED" if kind is not None else "FINISHED"
+        if self.tracker is None:
+            finish_run(self.spec, self.paths, status)
+        else:
+            self.tracker.files(list(self.paths))
+            self.tracker.close(status)
 
 
 _WORKER: dict[str, Tracker | None] = {"tracker": None}

@@ -28,7 +28,7 @@ from cluster.claim import claim_out
 from cluster.completion import FinalFiles, check_model_file, clear_complete
 from cluster.storage import Location, Storage, parse_uri
 from cluster.tracking import TrackerSpec, log_epoch, worker_tracker
-from ultrasound.backbone import ResNet18Backbone, adopt_weights, read_state
+from ultrasound.backbone import ResNet18Backbone, adopt_weights, read_state, state_channels
 from ultrasound.checkpoint import load_state, save_state
 from ultrasound.export import BACKBONE_FILE, backbone_safetensors
 
@@ -268,18 +268,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def load_init_backbone(uri: str, channels: int, storage: Storage | None = None
-                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The backbone state an ``--init`` file gives (local path or s3://), and the backbone keys
-    it left at random init. Any format :func:`ultrasound.backbone.adopt_weights` accepts."""
+def init_backbone(uri: str, channels: int | None = None, storage: Storage | None = None
+                  ) -> tuple[ResNet18Backbone, list[str]]:
+    """The ResNet-18 trunk an ``--init`` file gives (local path or s3://; any format
+    :func:`ultrasound.backbone.adopt_weights` accepts), and the backbone keys it left at random
+    init. ``channels`` None: the file's first conv decides (:func:`state_channels`)."""
     storage = storage or Storage()
     location = parse_uri(uri)
     if not location.is_s3 and not os.path.isfile(location.key):
         raise FileNotFoundError(f"--init: no file at {uri}")
-    backbone = ResNet18Backbone(in_channels=channels)
     data = storage.read_bytes(location)
     check_model_file(location, data, storage)
-    missing = adopt_weights(backbone, read_state(data, uri), uri)
+    state = read_state(data, uri)
+    backbone = ResNet18Backbone(in_channels=channels or state_channels(state))
+    return backbone, adopt_weights(backbone, state, uri)
+
+
+def load_init_backbone(uri: str, channels: int, storage: Storage | None = None
+                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """:func:`init_backbone`'s state dict (what the training loops start from) and missing keys."""
+    backbone, missing = init_backbone(uri, channels, storage)
     return backbone.state_dict(), missing
 
 

@@ -77,10 +77,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="project embeddings on their top K principal components (default: no projection)")
     add_embedding_args(p, cache_default="<out>/cache")
     run = p.add_argument_group("execution")
-    run.add_argument("--cpus-per-experiment", type=float, default=0.5, help="CPUs per experiment task (0.5)")
-    run.add_argument("--gpus-per-experiment", type=float, default=0.0, help="GPUs per experiment task (0)")
-    run.add_argument("--max-retries", type=int, default=3, help="retries of a crashed experiment (3)")
-    run.add_argument("--serial", action="store_true", help="run the experiments one by one in this process")
+    run.add_argument("--cpus-per-task", type=float, default=1.0,
+                     help="CPUs per Ray task, one batch of experiments (1: a batch per CPU)")
+    run.add_argument("--gpus-per-task", type=float, default=0.0, help="GPUs per Ray task (0)")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="experiments run together in one task, their heads fitted as one batched solve "
+                     "(default: about four batches per parallel task, at most 64; 1 in finetune mode)")
+    run.add_argument("--max-retries", type=int, default=3, help="retries of a crashed task (3)")
+    run.add_argument("--serial", action="store_true", help="run the experiments in this process")
     add_job_args(p, tracker=True)
     p.set_defaults(func=run_simulate)
 
@@ -128,8 +132,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         try:
             result = simulate(args.data, config, args.out, storage, spec, cache_uri=args.cache,
                               on_progress=progress, executor="serial" if args.serial else "ray",
-                              cpus_per_experiment=args.cpus_per_experiment,
-                              gpus_per_experiment=args.gpus_per_experiment, max_retries=args.max_retries)
+                              cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
+                              max_retries=args.max_retries, batch_size=args.batch_size)
         except ValueError as err:
             raise UserError(str(err)) from err
         for name, entry in result.as_json()["strategies"].items():  # one metric per strategy and number

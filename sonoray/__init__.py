@@ -33,23 +33,9 @@ def load_backbone(path: str, channels: int | None = None, storage: Any = None):
     """A :class:`ultrasound.backbone.ResNet18Backbone` (eval mode) with the weights of ``path``:
     ``backbone.safetensors``, a ``sonoray pretrain``/``msml`` ``model.pt``, or a torchvision
     ResNet-18 state dict; local or s3://. ``channels`` defaults to the file's first conv."""
-    from cluster.completion import check_model_file
-    from cluster.storage import Storage, parse_uri
-    from ultrasound.backbone import ResNet18Backbone, adopt_weights
-    from ultrasound.checkpoint import load_state
+    from cluster.train import init_backbone
 
-    storage = storage or Storage()
-    location = parse_uri(path)
-    raw = storage.read_bytes(location)
-    check_model_file(location, raw, storage)
-    state = load_state(raw, location.uri)
-    if channels is None:
-        weights = state.get("model", state) if isinstance(state, dict) else {}
-        first = next((v for k, v in weights.items() if k.endswith(("conv1.weight", "stem.0.weight"))
-                      and getattr(v, "ndim", 0) == 4 and v.shape[0] == 64 and v.shape[2] == 7), None)
-        channels = int(first.shape[1]) if first is not None else 3
-    backbone = ResNet18Backbone(in_channels=channels)
-    adopt_weights(backbone, state, location.uri)
+    backbone, _ = init_backbone(path, channels, storage)
     return backbone.eval()
 
 

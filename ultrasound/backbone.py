@@ -61,6 +61,18 @@ def read_state(raw: bytes, source: str = "the checkpoint") -> object:
     return load_state(raw, source)
 
 
+def state_channels(state: object, default: int = 3) -> int:
+    """Input channels of the ResNet-18 first conv in ``state`` (a state dict, or a checkpoint
+    dict with a ``"model"`` entry; ``conv1.weight`` or ``stem.0.weight`` keys, any prefix):
+    1 or 3; ``default`` when there is none."""
+    weights = state.get("model", state) if isinstance(state, dict) else {}
+    if not isinstance(weights, dict):
+        return default
+    first = next((v for k, v in weights.items() if isinstance(k, str) and k.endswith(("conv1.weight", "stem.0.weight"))
+                  and getattr(v, "ndim", 0) == 4 and v.shape[0] == 64 and v.shape[2] == 7), None)
+    return int(first.shape[1]) if first is not None else default
+
+
 def adopt_weights(backbone: ResNet18Backbone, state: object, source: str) -> list[str]:
     """Copy the backbone tensors of ``state`` into ``backbone``; returns the names of backbone
     parameters that stayed at random init.

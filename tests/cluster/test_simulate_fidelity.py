@@ -160,3 +160,48 @@ def test_an_extended_run_resumes_to_the_rounds_of_an_uninterrupted_one(tmp_path)
             revoked += meta_b["machine_revoked"]
     assert fresh.as_json()["strategies"]["tsal"]["machine_precision"] is not None
     assert revoked > 0  # the resumed rounds had machine labels to take back
+
+
+def test_a_batch_of_experiments_gives_the_rounds_of_one_at_a_time_runs(tmp_path, monkeypatch):
+    """Eight experiments (four kinds x two seeds) in one lockstep batch, their heads fitted as
+    one batched solve, against the same eight run one at a time: every round's records are
+    equal and every metric agrees to 1e-6."""
+    from ultrasound.active import learners
+
+    batch_sizes: list[int] = []
+    solve = learners.train_heads
+
+    def recording(problems, **kwargs):
+        batch_sizes.append(len(problems))
+        return solve(problems, **kwargs)
+
+    monkeypatch.setattr(learners, "train_heads", recording)
+    config = SimulationConfig(strategies=("tsal", "self_training", "mlm", "random"), seeds=2, rounds=5,
+                              initial=0.1, per_round=0.08, confidence=0.75, audit=0.2)
+    data = table()
+    together = simulate_table(data, config, str(tmp_path / "batch"), Storage(), executor="serial", batch_size=8,
+                              report=False)
+    assert max(batch_sizes) == 8
+    batch_sizes.clear()
+    alone = simulate_table(data, config, str(tmp_path / "alone"), Storage(), executor="serial", batch_size=1,
+                           report=False)
+    assert set(batch_sizes) == {1}
+    assert not together.failed and not alone.failed and together.rounds == alone.rounds == 8 * 6
+    timing = {"fit_seconds", "round_seconds"}
+    revoked = machine = 0
+    for exp_id in together.experiment_ids:
+        a = rounds_of(tmp_path / "batch", exp_id, Storage())
+        b = rounds_of(tmp_path / "alone", exp_id, Storage())
+        assert len(a) == len(b) == config.rounds + 1
+        for (rows_a, meta_a), (rows_b, meta_b) in zip(a, b):
+            assert rows_a == rows_b
+            for key in meta_b.keys() - timing:
+                if isinstance(meta_b[key], float):
+                    assert meta_a[key] == pytest.approx(meta_b[key], abs=1e-6), key
+                elif key == "per_finding_ap":
+                    assert meta_a[key] == pytest.approx(meta_b[key], abs=1e-6)
+                else:
+                    assert meta_a[key] == meta_b[key], key
+            revoked += meta_b["machine_revoked"]
+            machine += meta_b["machine_new"]
+    assert machine > 0 and revoked > 0  # both streams and the re-validation ran

@@ -202,6 +202,39 @@ def test_a_machine_label_that_stops_being_confident_is_revoked_and_returns_to_th
         state.without([0])
 
 
+def test_machine_labels_are_revalidated_when_the_pool_is_spent():
+    """Every sample labelled (humans and machine): the round queries nothing but still takes back
+    the machine labels that stopped being confident; they are the next round's pool, and that
+    round is numbered by the loop, not by the records (the spent round added none)."""
+    truth, state, unlabelled, probs = setup()
+    plan = plan_for(state, unlabelled, probs, audit=0.0, confidence=ConfidenceConfig(max_per_round=None))
+    state = apply_answers(state, plan, truth[plan.queries])
+    rest = state.unlabelled_indices(POOL)
+    state = state.with_labels(rest, truth[rest], source="oracle", round=2)  # the humans label the rest
+    assert state.unlabelled_indices(POOL).size == 0
+    held = state.unverified_indices()
+    still = np.where(state.labels_of(held) == 1, 0.97, 0.03)
+    still[[0, 2]] = 0.5  # two are no longer confident
+    ctx = StrategyContext(state.labels_of(state.verified_indices()), np.random.default_rng(0))
+    empty = np.zeros((0, L))
+    spent = tsal_round(empty, np.zeros(0, np.int64), state, 5, make_strategy("mlm"), ctx,
+                       ConfidenceConfig(min_dependence=1.0), 0.3, np.random.default_rng(1),
+                       probs_machine=still, round=3)
+    assert spent.round == 3 and spent.queries.size == spent.machine_indices.size == spent.audits.size == 0
+    assert spent.revoked.tolist() == sorted(held[[0, 2]].tolist())
+    after = apply_answers(state, spent, np.zeros((0, L), np.uint8))
+    assert sorted(after.unlabelled_indices(POOL).tolist()) == sorted(held[[0, 2]].tolist())
+    assert after.next_round == 3  # no records in round 3: the loop names the next round itself
+    again = tsal_round(np.full((2, L), 0.5), after.unlabelled_indices(POOL), after, 5, make_strategy("mlm"), ctx,
+                       ConfidenceConfig(min_dependence=1.0), 0.0, np.random.default_rng(2),
+                       probs_machine=np.where(after.labels_of(after.unverified_indices()) == 1, 0.97, 0.03),
+                       round=4)
+    assert again.round == 4 and sorted(again.queries.tolist()) == sorted(held[[0, 2]].tolist())
+    with pytest.raises(ValueError, match="before the state's next round"):
+        tsal_round(empty, np.zeros(0, np.int64), state, 5, make_strategy("mlm"), ctx, None, 0.0,
+                   np.random.default_rng(1), round=2)
+
+
 def test_no_two_frames_of_one_video_are_queried_in_one_round():
     truth, state, unlabelled, probs = setup()
     groups = unlabelled // 4  # 4 consecutive frames per video: 8 videos among the unlabelled

@@ -6,6 +6,11 @@ pool through the oracle, then runs ``rounds`` rounds of the two-stream round
 (:mod:`ultrasound.active.rounds`): predict the pool with the current learner, plan, ask the
 oracle, apply its answers, refit, evaluate on the held-out split, write the round.
 
+An experiment is a generator (:func:`experiment_steps`) that stops whenever it needs a learner
+fit or a round's oracle answers; :func:`run_experiments` drives a batch of them in lockstep, one
+batched head solve and one oracle call for all that wait (:func:`run_experiment`: a batch of
+one). A batch gives the rounds of one-at-a-time runs.
+
 Two protocols keep this free of Ray and storage:
 
 - :class:`Oracle`: the simulated annotator (``cluster.oracle``'s in-process ``OracleBook`` or the
@@ -25,11 +30,11 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Generator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ultrasound.active.learners import make_model
+from ultrasound.active.learners import FitRequest, fit_models, make_model
 from ultrasound.active.rounds import RoundPlan, apply_answers, round_rng, tsal_round
 from ultrasound.active.sim_config import ExperimentKind, SimulationConfig
 from ultrasound.active.state import ALState
@@ -52,6 +57,7 @@ class Oracle(Protocol):
     def query(self, asker: str, round: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
     def answer_round(self, asker: str, round: int, queries: np.ndarray, audits: np.ndarray,
                      machine: np.ndarray, machine_labels: np.ndarray) -> dict: ...
+    def answer_rounds(self, requests: list[tuple]) -> list[dict | Exception]: ...
     def grade(self, asker: str, indices: np.ndarray, labels: np.ndarray) -> dict: ...
     def log(self, asker: str) -> dict: ...
 
@@ -180,7 +186,78 @@ def budget_of(config: SimulationConfig, split: Split) -> Budget:
 _TOTALS = ("machine_accepted_total", "machine_vectors_correct", "machine_labels_correct", "machine_labels_total")
 
 
-def run_experiment(
+@dataclass(frozen=True, eq=False)
+class AnswerRequest:
+    """A round's oracle call an experiment waits on (:meth:`Oracle.answer_round`'s arguments):
+    the driver sends the answers of a batch of experiments in one call."""
+
+    asker: str
+    round: int
+    queries: np.ndarray
+    audits: np.ndarray
+    machine: np.ndarray
+    machine_labels: np.ndarray
+
+    def args(self) -> tuple:
+        return self.asker, self.round, self.queries, self.audits, self.machine, self.machine_labels
+
+
+Step = Generator["FitRequest | AnswerRequest", Any, dict]
+
+
+def run_experiment(spec: ExperimentSpec, config: SimulationConfig, features: np.ndarray, split: Split,
+                   findings: tuple[str, ...], oracle: Oracle, store: RoundStore, *,
+                   init_backbone: bytes | None = None, after_round: Callable[[int], None] = lambda round: None) -> dict:
+    """Run (or resume) one experiment: :func:`experiment_steps` driven alone; raises its error."""
+    steps = experiment_steps(spec, config, features, split, findings, oracle, store,
+                             init_backbone=init_backbone, after_round=after_round)
+    (result,) = run_experiments([steps], oracle)
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def run_experiments(steps: Sequence[Step], oracle: Oracle) -> list[dict | Exception]:
+    """Drive experiments in lockstep: each runs until it waits on a learner fit or an oracle
+    round; then every waiting fit is solved in one batch (:func:`fit_models`: one batched head
+    solve) and every waiting oracle round answered in one call (``oracle.answer_rounds``), and
+    each experiment continues with its own answer.
+
+    An experiment's own computation does not depend on its companions (a batched head fit equals
+    the fit alone), so a batch gives the rounds of one-at-a-time runs. Returns each experiment's
+    result (:func:`experiment_steps`'s return value) or the exception that ended it; one failed
+    experiment does not stop the others.
+    """
+    results: list[dict | Exception | None] = [None] * len(steps)
+    waiting: dict[int, Any] = {}
+
+    def advance(i: int, value: Any = None) -> None:
+        try:
+            request = steps[i].throw(value) if isinstance(value, Exception) else steps[i].send(value)
+        except StopIteration as stop:
+            results[i] = stop.value
+        except Exception as err:  # noqa: BLE001 - the experiment's failure is its result
+            results[i] = err
+        else:
+            waiting[i] = request
+
+    for i in range(len(steps)):
+        advance(i)
+    while waiting:
+        batch = dict(waiting)
+        waiting.clear()
+        fits = [i for i, request in batch.items() if isinstance(request, FitRequest)]
+        asks = [i for i, request in batch.items() if isinstance(request, AnswerRequest)]
+        if fits:
+            for i, fitted in zip(fits, fit_models([batch[i] for i in fits])):
+                advance(i, fitted)
+        if asks:
+            for i, answer in zip(asks, oracle.answer_rounds([batch[i].args() for i in asks])):
+                advance(i, answer)
+    return results  # type: ignore[return-value]
+
+
+def experiment_steps(
     spec: ExperimentSpec,
     config: SimulationConfig,
     features: np.ndarray,
@@ -191,9 +268,11 @@ def run_experiment(
     *,
     init_backbone: bytes | None = None,
     after_round: Callable[[int], None] = lambda round: None,
-) -> dict:
-    """Run (or resume) one experiment to ``spec.rounds``; returns counts of computed and resumed
-    rounds and the final metrics.
+) -> Step:
+    """One experiment, run (or resumed) to ``spec.rounds``, as a generator: it yields a
+    :class:`FitRequest` or an :class:`AnswerRequest` whenever it needs a refit or a round's
+    answers and is sent the fitted learner or the answer dict back (:func:`run_experiments`);
+    returns counts of computed and resumed rounds and the final metrics.
 
     Shape: ``features`` ``(N, D)`` embeddings or ``(N, S, S, C)`` frames of every sample;
     ``split.train`` / ``split.test`` index them. ``after_round(r)`` runs once round r is stored.
@@ -219,13 +298,16 @@ def run_experiment(
     totals = {k: 0 if meta is None else int(meta.get(k, 0)) for k in _TOTALS}
 
     def finish_round(r: int, state: ALState, plan: RoundPlan | None, grade: dict | None, started: float):
-        """Fit, evaluate and store round r; returns (fitted model, meta)."""
+        """Fit (yielded), evaluate and store round r; returns (fitted model, meta). In a batch
+        the fit's wall time is the batch's."""
         fit_started = time.perf_counter()
-        fitted = _fit(model, state, pool, config.machine_weight)
+        fitted = yield _fit_request(model, state, pool, config.machine_weight)
         fit_seconds = time.perf_counter() - fit_started
         metrics = round_metrics(split.test_labels, model.predict(fitted, split.test), list(findings))
+        solve = ({"head_iterations": int(fitted.iterations), "head_converged": bool(fitted.converged)}
+                 if hasattr(fitted, "converged") else {})
         meta = {**base, **round_counts(state, r, plan, budget.cost_scale, pool.size), **totals, **_metrics_of(metrics),
-                "fit_seconds": round(fit_seconds, 4), "round_seconds": round(time.perf_counter() - started, 4)}
+                **solve, "fit_seconds": round(fit_seconds, 4), "round_seconds": round(time.perf_counter() - started, 4)}
         store.write(r, [{**rec.to_dict(), "global_index": int(pool[rec.index])} for rec in state.records
                         if rec.round == r], meta)
         after_round(r)
@@ -238,28 +320,27 @@ def run_experiment(
         picks = _initial_picks(split, budget, round_rng(spec.seed, 0))
         labels, costs = oracle.query(asker, 0, pool[picks])
         state = ALState(len(findings)).with_labels(picks, labels, source="initial", round=0, costs=costs)
-        fitted, meta = finish_round(0, state, None, None, started)
+        fitted, meta = yield from finish_round(0, state, None, None, started)
         computed, done = 1, 1
     elif done <= spec.rounds:
-        fitted = _fit(model, state, pool, config.machine_weight)
+        fitted = yield _fit_request(model, state, pool, config.machine_weight)
 
     for r in range(done, spec.rounds + 1):
         started = time.perf_counter()
         rng = round_rng(spec.seed, r)
         unlabelled = state.unlabelled_indices(pool.size)
+        held = state.unverified_indices()
         plan, grade = None, None
-        if unlabelled.size:  # every round with a pool queries >= 1 sample, so it adds records
+        # a round plans while the pool has samples, or machine labels to re-validate
+        if unlabelled.size or (confidence is not None and held.size):
             context = StrategyContext(labelled_labels=state.labels_of(state.verified_indices()), rng=rng)
-            held = state.unverified_indices()
             plan = tsal_round(model.predict(fitted, pool[unlabelled]), unlabelled, state, budget.per_round, strategy,
                               context, confidence, audit_fraction, rng,
                               groups=split.pool_groups[unlabelled] if split.pool_groups is not None else None,
                               probs_machine=model.predict(fitted, pool[held]) if confidence is not None else None,
-                              whole_groups=budget.by_video)
-            if plan.round != r:
-                raise RuntimeError(f"{asker}: round {r} planned as round {plan.round} (a round without records?)")
+                              whole_groups=budget.by_video, round=r)
             # one round trip: the queries, the audits, and the grading of the machine proposals
-            answer = oracle.answer_round(asker, r, pool[plan.queries], pool[plan.audits],
+            answer = yield AnswerRequest(asker, r, pool[plan.queries], pool[plan.audits],
                                          pool[plan.machine_indices], plan.machine_labels)
             state = apply_answers(state, plan, answer["labels"], answer["audit_labels"],
                                   query_costs=answer["costs"],
@@ -268,8 +349,8 @@ def run_experiment(
             grade = answer["grade"]
             totals = _graded_totals(totals, state, plan, r, grade, lambda idx, labels: oracle.grade(asker, idx, labels),
                                     pool)
-        # with the whole pool labelled the round is still evaluated and written (no records)
-        fitted, meta = finish_round(r, state, plan, grade, started)
+        # with nothing to plan the round is still evaluated and written (no records)
+        fitted, meta = yield from finish_round(r, state, plan, grade, started)
         computed += 1
 
     store.write_log(oracle.log(asker))
@@ -346,12 +427,12 @@ def _metrics_of(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("map", "macro_f1", "micro_f1", "hamming_loss", "per_finding_ap", "excluded")}
 
 
-def _fit(model, state: ALState, pool: np.ndarray, machine_weight: float):
+def _fit_request(model, state: ALState, pool: np.ndarray, machine_weight: float) -> FitRequest:
     idx, labels, verified = state.training_arrays()
     weights = np.where(verified, 1.0, machine_weight).astype(np.float32)
     if weights.sum() <= 0:  # only unweighted machine labels: fall back to the human ones
         weights = verified.astype(np.float32)
-    return model.fit(pool[idx], labels, weights, verified)
+    return FitRequest(model, pool[idx], labels, weights, verified)
 
 
 def _answers_of(state: ALState, pool: np.ndarray) -> list[dict]:

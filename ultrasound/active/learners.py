@@ -7,12 +7,17 @@
 
 Both take ``fit(idx, labels, weights, verified)``: pool rows, ``(M, L)`` 0/1 labels, ``(M,)``
 training weights and which rows a human labelled (only those count for positive weights).
+:func:`fit_models` fits many :class:`FitRequest` at once: the head fits of a batch of
+experiments as one batched solve (``train_heads``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Sequence
+
 import numpy as np
 
-from ultrasound.active.head import positive_weights, predict_head, train_head
+from ultrasound.active.head import HeadProblem, head_problem, positive_weights, predict_head, train_heads
 from ultrasound.active.sim_config import SimulationConfig
 
 
@@ -25,12 +30,15 @@ class HeadModel:
     def fit(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray, verified: np.ndarray | None = None):
         """``verified`` ``(M,)`` bool marks the human labels: positive weights count only those
         (machine labels of a flooded stream must not decide a finding's prevalence)."""
-        c = self.config
-        pos_weight = None if c.head_pos_weight == "none" else human_positive_weights(labels, verified)
-        # blas_threads=None: the caller (run_experiment / run_reference) already holds BLAS at
-        # one thread; entering threadpoolctl again costs more than a small fit
-        return train_head(self.features[idx], labels, weights, l2=c.head_l2, max_iter=c.head_max_iter,
-                          pos_weight=pos_weight, blas_threads=None)
+        (fitted,) = fit_models([FitRequest(self, idx, labels, weights, verified)])
+        if isinstance(fitted, Exception):
+            raise fitted
+        return fitted
+
+    def problem(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+                verified: np.ndarray | None = None) -> HeadProblem:
+        pos_weight = None if self.config.head_pos_weight == "none" else human_positive_weights(labels, verified)
+        return head_problem(self.features[idx], labels, weights, pos_weight)
 
     def predict(self, fitted, idx: np.ndarray) -> np.ndarray:
         if idx.size == 0:
@@ -101,6 +109,48 @@ def human_positive_weights(labels: np.ndarray, verified: np.ndarray | None) -> n
     if verified is None or not np.asarray(verified).any():
         return "auto"
     return positive_weights("auto", np.asarray(labels, np.float32)[np.asarray(verified, bool)])
+
+
+@dataclass(frozen=True, eq=False)
+class FitRequest:
+    """One refit: ``model.fit(rows, labels, weights, verified)`` (rows index the model's features)."""
+
+    model: Any
+    rows: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+    verified: np.ndarray | None = None
+
+
+def fit_models(requests: Sequence[FitRequest]) -> list[Any]:
+    """Every request's fitted learner, or the exception that its fit raised, in order.
+
+    Head requests that share an embedding matrix and solver settings are solved as one batch
+    (``train_heads``; ``head_l2`` may differ between them), a finetune request on its own.
+    """
+    out: list[Any] = [None] * len(requests)
+    groups: dict[tuple, list[tuple[int, HeadProblem, float]]] = {}
+    for i, request in enumerate(requests):
+        try:
+            if isinstance(request.model, HeadModel):
+                c = request.model.config
+                problem = request.model.problem(request.rows, request.labels, request.weights, request.verified)
+                key = (id(request.model.features), c.head_max_iter, c.head_tol)
+                groups.setdefault(key, []).append((i, problem, c.head_l2))
+            else:
+                out[i] = request.model.fit(request.rows, request.labels, request.weights, request.verified)
+        except Exception as err:  # noqa: BLE001 - one request's bad input fails that request
+            out[i] = err
+    for (_, max_iter, tol), members in groups.items():
+        # threads=None: the caller (the simulator's executors) holds the threads it wants
+        try:
+            fitted = train_heads([p for _, p, _ in members], l2=[l2 for _, _, l2 in members], max_iter=max_iter,
+                                 tol=tol, threads=None)
+        except Exception as err:  # noqa: BLE001 - the solve failed: every request of it did
+            fitted = [err] * len(members)
+        for (i, _, _), params in zip(members, fitted):
+            out[i] = params
+    return out
 
 
 def make_model(config: SimulationConfig, features: np.ndarray, seed: int, findings: tuple[str, ...],

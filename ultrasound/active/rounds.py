@@ -88,6 +88,7 @@ def tsal_round(
     groups: np.ndarray | None = None,
     probs_machine: np.ndarray | None = None,
     whole_groups: bool = False,
+    round: int | None = None,
 ) -> RoundPlan:
     """Plan one round.
 
@@ -111,6 +112,12 @@ def tsal_round(
         whole_groups: the query unit is the video: ``budget_k`` counts videos, a video scores
             the mean of its unlabelled frames' scores, and every unlabelled frame of a picked
             video is queried (the oracle then charges one video).
+        round: the round this plan is for (``None``: ``state.next_round``); a round may follow
+            rounds that added no records (a spent pool whose machine labels are re-validated).
+            Must not be below ``state.next_round``.
+
+    With no unlabelled sample left (``U = 0``) the plan still re-validates the machine labels:
+    the ones it revokes return to the pool for the next round.
     """
     probs = check_probs(probs_unlabelled)
     unlabelled_idx = np.asarray(unlabelled_idx, dtype=np.int64).ravel()
@@ -125,6 +132,9 @@ def tsal_round(
         raise ValueError(f"{overlap.size} 'unlabelled' samples are already labelled, e.g. {overlap[:5].tolist()}")
     if budget_k < 0:
         raise ValueError(f"budget_k must be >= 0, got {budget_k}")
+    round = state.next_round if round is None else int(round)
+    if round < state.next_round:
+        raise ValueError(f"round {round} is before the state's next round {state.next_round}")
     if not 0.0 <= audit_fraction <= 1.0:
         raise ValueError(f"audit_fraction must be in [0, 1], got {audit_fraction}")
 
@@ -167,7 +177,7 @@ def tsal_round(
         if n_audit:
             audits = np.sort(rng.choice(machine_indices, size=n_audit, replace=False))
     return RoundPlan(
-        round=state.next_round,
+        round=round,
         queries=queries.astype(np.int64),
         query_scores=query_scores,
         machine_indices=machine_indices.astype(np.int64),
@@ -237,8 +247,8 @@ def apply_answers(
     Audited machine labels take the oracle's labels; one the oracle changed is recorded with
     ``audit="corrected"`` and the machine's proposal in ``machine_labels``.
     """
-    if plan.round != state.next_round:
-        raise ValueError(f"plan is for round {plan.round} but the state expects round {state.next_round} "
+    if plan.round < state.next_round:
+        raise ValueError(f"plan is for round {plan.round} but the state is at round {state.next_round} "
                          "(already applied?)")
     L = state.num_labels
     oracle_labels = _answers(oracle_labels, plan.queries.size, L, "oracle_labels")

@@ -21,14 +21,14 @@ from ultrasound.active.strategies import STRATEGIES, Strategy, make_strategy
 from ultrasound.config import coerce_fields
 
 # bumped when a change of the experiment logic changes results: old folders never resume into new runs
-SIMULATOR_VERSION = 2
+SIMULATOR_VERSION = 3
 MODES = ("embeddings", "finetune")
 DEFAULT_STRATEGIES = ("tsal", "random", "least_margin", "mean_entropy", "lci", "adaptive")
 
 # fields of SimulationConfig that decide a result, by who reads them
 _COMMON_FIELDS = ("initial", "per_round", "mode", "test_fraction", "noise", "cost_unit", "query_unit")
 _MODEL_FIELDS = {
-    "embeddings": ("head_l2", "head_pos_weight", "head_max_iter"),
+    "embeddings": ("head_l2", "head_pos_weight", "head_max_iter", "head_tol"),
     "finetune": ("finetune_epochs", "finetune_batch_size", "finetune_lr"),
 }
 _MACHINE_FIELDS = ("confidence", "rule_confidence", "min_dependence", "max_machine_per_round", "audit",
@@ -140,7 +140,10 @@ class SimulationConfig:
         adaptive_beta: Adaptive's trade-off between max-margin and cardinality inconsistency.
         embedding_dims: project the embeddings on their top principal components first
             (unsupervised, all frames; ``None``: use them as they are). Embeddings mode only.
-        head_l2, head_pos_weight, head_max_iter: the embeddings-mode head (``train_head``).
+        head_l2, head_pos_weight, head_max_iter, head_tol: the embeddings-mode head
+            (``train_heads``): L2 penalty (3e-3: benchmarks/head_calibration.py, docs/tsal.md),
+            positive weights, and the solve's iteration cap and gradient tolerance (1e-5: the
+            probabilities within about 3e-3 of the exact optimum's).
         finetune_epochs, finetune_batch_size, finetune_lr: the finetune-mode MSML training.
     """
 
@@ -167,9 +170,10 @@ class SimulationConfig:
     smallest: int = 2
     adaptive_beta: float = 0.5
     embedding_dims: int | None = None
-    head_l2: float = 1e-3
+    head_l2: float = 3e-3
     head_pos_weight: str = "auto"
-    head_max_iter: int = 100
+    head_max_iter: int = 2000
+    head_tol: float = 1e-5
     finetune_epochs: int = 3
     finetune_batch_size: int = 32
     finetune_lr: float = 1e-4
@@ -203,7 +207,8 @@ class SimulationConfig:
             (self.audit_gate is None or 0 <= self.audit_gate <= 1, f"audit_gate must be in [0, 1], got {self.audit_gate}"),
             (self.machine_weight >= 0, f"machine_weight must be >= 0, got {self.machine_weight}"),
             (self.head_pos_weight in ("auto", "none"), f"head_pos_weight must be auto or none, got {self.head_pos_weight!r}"),
-            (self.head_l2 >= 0 and self.head_max_iter >= 1, "head_l2 must be >= 0 and head_max_iter >= 1"),
+            (self.head_l2 >= 0 and self.head_max_iter >= 1 and self.head_tol > 0,
+             "head_l2 must be >= 0, head_max_iter >= 1 and head_tol > 0"),
             (self.finetune_epochs >= 1 and self.finetune_batch_size >= 2 and self.finetune_lr > 0,
              "finetune_epochs >= 1, finetune_batch_size >= 2 and finetune_lr > 0 are required"),
             (self.labels is None or len(self.labels) > 0, "labels must name at least one finding"),
