@@ -6,7 +6,7 @@ from cluster.oracle import Oracle, OracleBook, OracleClient, OracleError, Unknow
 
 TRUTH = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 1, 1], [1, 1, 1], [0, 0, 0]], dtype=np.uint8)
 VIDEOS = np.array(["a", "a", "a", "b", "b", "c"])
-PUBLIC = {"answer_round", "askers", "audit", "costs", "grade", "log", "num_labels", "num_samples", "query",
+PUBLIC = {"answer_round", "answer_rounds", "askers", "audit", "costs", "grade", "log", "num_labels", "num_samples", "query",
           "register", "restore"}
 
 
@@ -76,6 +76,28 @@ def test_video_cost_within_one_query_charges_the_first_frame():
 def test_no_method_hands_out_the_truth():
     """Tripwire: the public surface is the documented one; anything new must be reviewed."""
     assert {name for name in dir(OracleBook) if not name.startswith("_")} == PUBLIC
+
+
+def test_a_batch_of_rounds_answers_as_one_call_each_and_keeps_errors_in_place():
+    """answer_rounds (one actor round trip for a batch of experiments) equals answer_round per
+    asker; an unknown asker's error comes back in its slot, the others are answered."""
+    from cluster.oracle import UnknownAsker
+
+    truth = (np.random.default_rng(1).random((30, 3)) < 0.4).astype(np.uint8)
+    one, many = (OracleBook(truth, np.arange(30).astype(str)) for _ in range(2))
+    for book in (one, many):
+        book.register("a", None)
+        book.register("b", None)
+    requests = [("a", 1, [1, 2], [], [], np.zeros((0, 3), np.uint8)),
+                ("ghost", 1, [3], [], [], np.zeros((0, 3), np.uint8)),
+                ("b", 1, [4], [5], [5], truth[[5]])]
+    answers = many.answer_rounds(requests)
+    assert isinstance(answers[1], UnknownAsker)
+    for got, args in zip((answers[0], answers[2]), (requests[0], requests[2])):
+        want = one.answer_round(*args)
+        assert np.array_equal(got["labels"], want["labels"]) and np.array_equal(got["costs"], want["costs"])
+        assert got["grade"] == want["grade"]
+    assert many.costs() == one.costs()
 
 
 def test_noise_is_seeded_per_noise_key_and_repeatable():
