@@ -25,40 +25,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 import ray
-import torch
 
 from cluster.claim import claim_out
 from cluster.completion import FinalFiles
 from cluster.dataset import IngestedDataset
 from cluster.frames import StreamSpec, collect_frames, frame_stream
-from cluster.progress import format_eta
 from cluster.storage import Location, Storage, parse_uri
 from cluster.tracking import TrackedRun, TrackerSpec
 from cluster.train import (
     MAX_FAILED_FRACTION,
-    RUN_NAME,
+    Method,
     ScaleSpec,
     TrainingError,
-    check_epoch_inputs,
-    dataset_shard,
-    epoch_batches,
+    check_run_slot,
     export_final,
+    final_state,
     fit,
-    raise_if_aborted,
-    stop_run,
     load_init_backbone,
     prepare_model,
-    read_checkpoint_folder,
-    report_epoch,
-    restore_state,
-    run_location,
+    raise_if_aborted,
+    resume_point,
+    run_epochs,
     unwrap,
     worker_context,
 )
@@ -200,10 +193,10 @@ def validation_report(targets: np.ndarray, probs: np.ndarray, findings: list[str
     }
 
 
-# -- initial weights ------------------------------------------------------------------------
 # -- the per-worker loop --------------------------------------------------------------------
 def msml_train_loop(loop_config: dict) -> None:
-    """One data-parallel MSML worker (``cluster.train.fit`` runs it on every rank).
+    """One data-parallel MSML worker (``cluster.train.fit`` runs it on every rank): the network,
+    its step and its validation, run by :func:`cluster.train.run_epochs`.
 
     ``loop_config``: ``config`` (MSMLConfig.to_dict()), ``train_video_labels`` (the training
     split's video-level targets, for the positive weights), ``trained`` (per finding: has a
@@ -214,81 +207,50 @@ def msml_train_loop(loop_config: dict) -> None:
     config = MSMLConfig.from_dict(loop_config["config"])
     findings = list(config.findings)
     model = MSMLNet(config)
-    restored = restore_state()
-    if restored is not None:
-        model.load_state_dict(restored["model"])
+    resumed = resume_point()
+    if resumed.state is not None:
+        model.load_state_dict(resumed.state["model"])
     elif loop_config.get("init_backbone") is not None:
         model.backbone.load_state_dict(ray.get(loop_config["init_backbone"]))
     model = prepare_model(model)
     model.config = config  # msml_train_step reads model.config; DDP wraps the MSMLNet
     optimizer = build_optimizer(model, config)
-    if restored is not None:
-        optimizer.load_state_dict(restored["optimizer"])
+    if resumed.state is not None:
+        optimizer.load_state_dict(resumed.state["optimizer"])
     loss_fn = build_loss(config, np.asarray(loop_config["train_video_labels"], dtype=np.int64)).to(ctx.device)
     validation = ray.get(loop_config["validation"]) if ctx.rank == 0 else None
-    history = list(restored["history"]) if restored else []
-    start = int(restored["epoch"]) if restored else 0
-    per_worker_batch = max(2, config.batch_size // ctx.world_size)
-    shard = dataset_shard("train")
-    log, seen = loop_config.get("stream_log"), 0
+    augment = np.random.default_rng([config.seed, resumed.start, ctx.rank])
 
-    def state(epoch: int) -> dict:
-        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+    def begin_epoch(epoch: int) -> dict:
+        nonlocal augment
+        augment = np.random.default_rng([config.seed, epoch, ctx.rank])
+        return {}
+
+    def step(batch: dict, epoch: int) -> tuple[float, float]:
+        images = np.array(batch["image"])  # a writable copy: torch refuses read-only arrays
+        targets = np.asarray(batch["findings"]).reshape(len(images), -1)
+        loss = msml_train_step(model, optimizer, images, targets, loss_fn, config.image_size, augment_rng=augment)
+        return loss * len(images), float(len(images))  # the epoch's loss: the mean over frames
+
+    def evaluate() -> dict:
+        probs = msml_predict(unwrap(model), validation.images, config.image_size)
+        report = validation_report(validation.targets, probs, findings, loop_config["trained"])
+        return {"val_map": report["map"], "val_macro_f1": report["macro_f1"]}
+
+    def checkpoint(epochs_done: int, history: list[dict]) -> dict:
+        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epochs_done,
                 "config": config.to_dict(), "findings": findings, "split": loop_config["split"],
                 "trained": loop_config["trained"], "history": history}
 
-    if ctx.rank == 0 and restored is not None:
-        sys.stderr.write(f"msml: resumed after epoch {start}\n")  # print() would show twice under
-        sys.stderr.flush()                                          # Ray Train's print patch
-    if start >= config.epochs:  # nothing left: hand the restored state back as the result
-        report_epoch(history[-1] if history else {"epoch": start}, state(start), ctx.rank)
-        return
-    for epoch in range(start, config.epochs):
-        began = time.perf_counter()
-        augment = np.random.default_rng([config.seed, epoch, ctx.rank])
-        total, count = 0.0, 0
-        for batch in epoch_batches(shard, per_worker_batch, seed=config.seed, epoch=epoch,
-                                   shuffle_rows=SHUFFLE_BUFFER_FRAMES):
-            images = np.array(batch["image"])  # a writable copy: torch refuses read-only arrays
-            if len(images) < 2:  # BatchNorm needs two samples; every rank sees the same sizes
-                continue
-            targets = np.asarray(batch["findings"]).reshape(len(images), -1)
-            loss = msml_train_step(model, optimizer, images, targets, loss_fn, config.image_size,
-                                   augment_rng=augment)
-            total += loss * len(images)
-            count += len(images)
-        total, count = _sum_over_ranks(total, count, ctx)
-        inputs = check_epoch_inputs(log, seen, int(loop_config.get("n_videos", 0)), int(count),
-                                    epoch + 1, float(loop_config.get("max_failed_fraction", 1.0)))
-        seen = inputs.seen
-        if inputs.abort:
-            stop_run(log, f"msml: {inputs.abort}", ctx.rank)
-            return
-        metrics = {"epoch": epoch + 1, "loss": total / count, "frames": int(count),
-                   "skipped_videos": inputs.skipped}
-        if ctx.rank == 0:
-            probs = msml_predict(unwrap(model), validation.images, config.image_size)
-            report = validation_report(validation.targets, probs, findings, loop_config["trained"])
-            metrics.update(val_map=report["map"], val_macro_f1=report["macro_f1"])
-        metrics["seconds"] = round(time.perf_counter() - began, 2)
-        history.append(metrics)
-        if ctx.rank == 0:
-            left = config.epochs - epoch - 1
-            eta = f", ETA {format_eta(metrics['seconds'] * left)}" if left else ""
-            sys.stderr.write(f"msml: epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f} "
-                             f"val mAP {metrics['val_map']:.3f} macro-F1 {metrics['val_macro_f1']:.3f} "
-                             f"({count} frames, {metrics['seconds']:.1f} s{eta})\n")
-            sys.stderr.flush()
-        report_epoch(metrics, state(epoch + 1), ctx.rank)
-
-
-def _sum_over_ranks(total: float, count: int, ctx) -> tuple[float, int]:
-    if ctx.world_size < 2 or not torch.distributed.is_initialized():
-        return total, count
-    device = ctx.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-    values = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(values)
-    return float(values[0]), int(values[1])
+    if ctx.rank == 0 and resumed.state is not None:
+        sys.stderr.write(f"msml: resumed after epoch {resumed.start}\n")  # print() would show twice
+        sys.stderr.flush()                                                  # under Ray Train's print patch
+    run_epochs(Method(
+        job="msml", epochs=config.epochs, seed=config.seed, batch_rows=max(2, config.batch_size // ctx.world_size),
+        shuffle_rows=SHUFFLE_BUFFER_FRAMES, min_rows=2,  # BatchNorm needs two samples
+        step=step, checkpoint=checkpoint, begin_epoch=begin_epoch, evaluate=evaluate,
+        describe=lambda m: f" val mAP {m['val_map']:.3f} macro-F1 {m['val_macro_f1']:.3f} ({m['images']} frames)"),
+        ctx, loop_config, resumed)
 
 
 # -- the driver -----------------------------------------------------------------------------
@@ -394,10 +356,7 @@ def run_msml_claimed(
                      tracking=tracked.spec)
         raise_if_aborted(stream, out.uri)
         skipped = stream.skipped_videos() + [{**v, "split": "validation"} for v in validation.skipped]
-        if result.checkpoint is None:
-            raise TrainingError(f"training under {out.uri} produced no checkpoint")
-        with result.checkpoint.as_directory() as folder:
-            final = read_checkpoint_folder(folder)
+        final = final_state(result, out.uri)
         history = final["history"]
         files = FinalFiles(out, storage)
         checkpoint_uri = export_final(result, files, history, exclude=("optimizer",))
@@ -447,17 +406,14 @@ def _config_and_split(data: IngestedDataset, config: MSMLConfig, options: MSMLRu
     """A new run writes its config and split to ``<out>/msml_run.json``; a resumed run reads them
     back (the same videos on each side) and accepts a change of ``epochs`` only."""
     run_file = out.join(RUN_FILE)
-    has_run = storage.exists(run_location(out.uri).join(RUN_NAME))
+    check_run_slot(out.uri, storage, options.resume)
     if not options.resume:
-        if has_run:
-            raise TrainingError(f"{out.uri} already holds a training run: pass --resume to continue it, "
-                                f"or choose another --out")
         storage.check(out, create_bucket=True)
         split = split_videos(data, options.val_fraction, options.split_seed)
         record = {"config": config.to_dict(), "split": split.as_dict()}
         storage.write_bytes(run_file, json.dumps(record, indent=1).encode())
         return config, split
-    if not has_run or not storage.exists(run_file):
+    if not storage.exists(run_file):
         raise TrainingError(f"--resume: no MSML run to resume under {out.uri}")
     saved = json.loads(storage.read_bytes(run_file))
     before = MSMLConfig.from_dict(saved["config"])

@@ -17,17 +17,16 @@ validation videos of a fold.
 
 Checkpoint state (``<out>/model.pt`` without the optimizer): ``model`` (USCLModel state dict:
 ``backbone.*``, ``projection.*``, ``classifier.*``), ``config`` (USCLConfig as a dict), ``classes``,
-``labelled_video_ids``, ``holdout``, ``epoch`` (0-based, last finished), ``history`` (one dict per
-epoch: epoch, loss, images_per_s, lr, seconds, session_start, run_id).
+``labelled_video_ids``, ``holdout``, ``epoch`` (epochs finished), ``history`` (one dict per
+epoch, loss, images, images_per_s, lr, skipped_videos, seconds, session_start, run_id:
+:func:`cluster.train.run_epochs`; ``epoch`` counts the epochs finished).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import sys
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,33 +34,26 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-import torch.distributed as dist
 
 from cluster.claim import claim_out
 from cluster.completion import FinalFiles
 from cluster.dataset import IngestedDataset
 from cluster.evaluate import HoldoutSpec
 from cluster.frames import StreamSpec, frame_stream
-from cluster.progress import format_eta
 from cluster.storage import Storage, parse_uri
 from cluster.tracking import TrackedRun, TrackerSpec
 from cluster.train import (
     MAX_FAILED_FRACTION,
-    RUN_NAME,
+    Method,
     ScaleSpec,
-    TrainingError,
-    check_epoch_inputs,
-    dataset_shard,
-    epoch_batches,
+    check_run_slot,
     export_final,
+    final_state,
     fit,
-    raise_if_aborted,
-    stop_run,
     prepare_model,
-    read_checkpoint_folder,
-    report_epoch,
-    restore_state,
-    run_location,
+    raise_if_aborted,
+    resume_point,
+    run_epochs,
     unwrap,
     worker_context,
 )
@@ -220,12 +212,7 @@ def pretrain_claimed(
     plan = plan_labels(data, use_labels=not unlabelled and cfg.semi_supervised, holdout=holdout)
     cfg = dataclasses.replace(cfg, num_classes=len(plan.classes) if plan.class_of else 0)
     out = parse_uri(out_uri)
-    exists = storage.exists(run_location(out_uri).join(RUN_NAME))
-    if exists and not resume:
-        raise TrainingError(f"{out.uri} already holds a training run: pass --resume to continue "
-                            f"it, or choose another --out")
-    if resume and not exists:
-        raise TrainingError(f"--resume: no run to resume under {out.uri}")
+    check_run_slot(out.uri, storage, resume)
     spec = {"config": cfg.to_dict(), "unlabelled": bool(unlabelled),
             "holdout": holdout.as_dict() if holdout else None, "data": data.root.uri}
     storage.check(out, create_bucket=True)
@@ -241,7 +228,6 @@ def pretrain_claimed(
         "class_of": dict(plan.class_of),
         "classes": list(plan.classes),
         "holdout": spec["holdout"],
-        "run_id": uuid.uuid4().hex[:12],  # tells this invocation's epochs from a resumed one's
         "init_state": ray.put(dict(init_state)) if init_state is not None else None,
         "stream_log": stream.log if stream is not None else None,
         "n_videos": len(data.rows),
@@ -252,8 +238,7 @@ def pretrain_claimed(
         result = fit(pretrain_loop, loop_config, dict(datasets), out_uri, scale, resume=resume,
                      storage=storage, keep_checkpoints=KEEP_CHECKPOINTS, tracking=tracked.spec)
         raise_if_aborted(stream, out.uri)
-        with result.checkpoint.as_directory() as folder:
-            final = read_checkpoint_folder(folder)
+        final = final_state(result, out.uri)
         history = list(final["history"])
         files = FinalFiles(out, storage)
         uri = export_final(result, files, history, exclude=("optimizer",))
@@ -267,19 +252,10 @@ def pretrain_claimed(
 
 
 # -- inside a worker ---------------------------------------------------------------------------
-def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
-    """Sum (or max) of per-worker numbers over all workers; the numbers themselves alone."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return tensor.cpu().tolist()
-
-
 def _maybe_crash(config: Mapping[str, Any], rank: int, world: int, epoch: int) -> None:
     """Fault injection for tests: with ``_crash_once_marker`` set, the last rank (rank 1 with two
-    workers) dies at the start of epoch ``_crash_epoch`` (default 1) unless the marker exists.
-    It first waits a few seconds so Ray Train has registered the previous epoch's checkpoint."""
+    workers) dies at the start of the 0-based epoch ``_crash_epoch`` (default 1) unless the marker
+    exists. It first waits a few seconds so Ray Train has registered the previous epoch's checkpoint."""
     marker = config.get("_crash_once_marker")
     if not marker or rank != world - 1 or epoch != int(config.get("_crash_epoch", 1)):
         return
@@ -292,7 +268,7 @@ def _maybe_crash(config: Mapping[str, Any], rank: int, world: int, epoch: int) -
 
 
 def pretrain_loop(config: dict) -> None:
-    """The per-worker loop: restore, then one pass over the shard per epoch, reporting each."""
+    """The per-worker loop: the USCL model and its step, run by :func:`cluster.train.run_epochs`."""
     cfg = USCLConfig.from_dict(config["uscl"])
     ctx = worker_context(config)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -302,80 +278,43 @@ def pretrain_loop(config: dict) -> None:
         model.backbone.load_state_dict(ray.get(init_state))
     model = prepare_model(model)
     optimizer = make_optimizer(model, cfg)
-    history: list[dict] = []
     labelled = set(config["class_of"])
-    start = 0
-    restored = restore_state()
-    if restored is not None:
-        unwrap(model).load_state_dict(restored["model"])
-        optimizer.load_state_dict(restored["optimizer"])
-        history = [h for h in restored["history"] if h["epoch"] <= restored["epoch"]]
-        labelled |= set(restored.get("labelled_video_ids", []))  # provenance accumulates
-        start = int(restored["epoch"]) + 1
+    resumed = resume_point()
+    if resumed.state is not None:
+        unwrap(model).load_state_dict(resumed.state["model"])
+        optimizer.load_state_dict(resumed.state["optimizer"])
+        labelled |= set(resumed.state.get("labelled_video_ids", []))  # provenance accumulates
     augment = make_augment(cfg)
     ntxent, ce = make_losses(cfg)
     autocast = torch.bfloat16 if ctx.device.type == "cuda" else None
     class_of: dict[str, int] = config["class_of"]
-    local_batch = max(1, cfg.batch_videos // ctx.world_size)
-    shard = dataset_shard("train")
-    log, seen = config.get("stream_log"), 0
-    for epoch in range(start, cfg.epochs):
+    rng = np.random.default_rng([cfg.seed, ctx.rank, resumed.start])  # the views' augmentation
+
+    def begin_epoch(epoch: int) -> dict:
+        nonlocal rng
         _maybe_crash(config, ctx.rank, ctx.world_size, epoch)
         lr = lr_at_epoch(epoch, cfg)
         set_learning_rate(optimizer, lr)
         rng = np.random.default_rng([cfg.seed, ctx.rank, epoch])
-        loss_sum, steps, images = 0.0, 0, 0
-        began = time.perf_counter()
-        for batch in epoch_batches(shard, local_batch, seed=cfg.seed, epoch=epoch,
-                                   shuffle_rows=2 * local_batch):
-            n = len(batch["n_frames"])
-            if n * ctx.world_size < 2:  # NT-Xent needs a negative; shards are equal, so every
-                continue                # rank skips the same step
-            batch = {"frames": np.require(batch["frames"], requirements="W"),  # torch wants
-                     "n_frames": np.require(batch["n_frames"], requirements="W"),  # writable
-                     "class_index": np.array([class_of.get(str(v), -1) for v in batch["video_id"]],
-                                             dtype=np.int64)}
-            loss_sum += train_step(model, optimizer, batch, augment, cfg, rng, ntxent=ntxent,
-                                   ce=ce, autocast_dtype=autocast)
-            steps += 1
-            images += VIEWS_PER_VIDEO * n
-        seconds = time.perf_counter() - began
-        loss_sum, steps, images = _all_reduce([loss_sum, float(steps), float(images)], ctx.device)
-        (seconds,) = _all_reduce([seconds], ctx.device, op="max")
-        inputs = check_epoch_inputs(log, seen, int(config.get("n_videos", 0)), int(steps), epoch + 1,
-                                    float(config.get("max_failed_fraction", 1.0)))
-        seen = inputs.seen
-        if inputs.abort:
-            stop_run(log, f"pretrain: {inputs.abort}", ctx.rank)
-            return
-        metrics = {
-            "epoch": epoch,
-            "loss": loss_sum / steps,
-            "images_per_s": images / seconds if seconds > 0 else 0.0,
-            "lr": lr,
-            "skipped_videos": inputs.skipped,
-        }
-        history.append({**metrics, "seconds": seconds, "session_start": start,
-                        "run_id": config["run_id"]})
-        state = {
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "config": cfg.to_dict(),
-            "classes": list(config["classes"]),
-            "labelled_video_ids": sorted(labelled),
-            "holdout": config.get("holdout"),
-            "epoch": epoch,
-            "history": history,
-        }
-        report_epoch(metrics, state, ctx.rank)
-        if ctx.rank == 0:  # the worker's stderr reaches the driver's (print would log it twice)
-            skipped = f", {inputs.skipped} video(s) skipped" if inputs.skipped else ""
-            left = cfg.epochs - epoch - 1
-            eta = f", ETA {format_eta(seconds * left)}" if left else ""
-            sys.stderr.write(f"pretrain: epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f} "
-                             f"{metrics['images_per_s']:.1f} images/s lr {lr:.2e}{skipped}{eta}\n")
-            sys.stderr.flush()
-    if restored is not None and start >= cfg.epochs:  # resumed a finished run: nothing to train,
-        last = restored["history"][-1]               # report its state again so it is the result
-        report_epoch({k: last[k] for k in ("epoch", "loss", "images_per_s", "lr") if k in last}, restored,
-                     ctx.rank)
+        return {"lr": lr}
+
+    def step(batch: dict, epoch: int) -> tuple[float, float]:
+        batch = {"frames": np.require(batch["frames"], requirements="W"),  # torch wants writable
+                 "n_frames": np.require(batch["n_frames"], requirements="W"),  # arrays
+                 "class_index": np.array([class_of.get(str(v), -1) for v in batch["video_id"]], dtype=np.int64)}
+        loss = train_step(model, optimizer, batch, augment, cfg, rng, ntxent=ntxent, ce=ce,
+                          autocast_dtype=autocast)
+        return loss, 1.0  # the epoch's loss: the mean over steps
+
+    def checkpoint(epochs_done: int, history: list[dict]) -> dict:
+        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "config": cfg.to_dict(), "classes": list(config["classes"]),
+                "labelled_video_ids": sorted(labelled), "holdout": config.get("holdout"),
+                "epoch": epochs_done, "history": history}
+
+    run_epochs(Method(
+        job="pretrain", epochs=cfg.epochs, seed=cfg.seed, batch_rows=max(1, cfg.batch_videos // ctx.world_size),
+        shuffle_rows=2 * max(1, cfg.batch_videos // ctx.world_size),
+        min_rows=2 if ctx.world_size == 1 else 1,  # NT-Xent needs a negative among all ranks' videos
+        images_per_row=VIEWS_PER_VIDEO, step=step, checkpoint=checkpoint, begin_epoch=begin_epoch,
+        describe=lambda metrics: f" lr {metrics['lr']:.2e}"), ctx, config, resumed)

@@ -1,9 +1,18 @@
-"""Data-parallel training on Ray Train: the one place that builds TorchTrainer runs.
+"""Data-parallel training on Ray Train: the one place that builds TorchTrainer runs, and the one
+epoch loop every training job shares.
 
-Jobs (pretrain, msml) hand ``fit`` a per-worker loop, its config and their Ray Datasets. The loop
-uses the helpers below (``worker_context``, ``report_epoch``, ``restore_state``) so that only rank 0
-writes checkpoints, every rank reports, and a resumed or retried run continues from the last
-saved epoch. Checkpoints live under ``<out>/ray/<name>``; the final model is copied to
+Jobs (pretrain, msml) hand ``fit`` a per-worker loop, its config and their Ray Datasets. The
+per-worker loop builds its model, reads :func:`resume_point` and hands :func:`run_epochs` a
+:class:`Method`: its step and checkpoint functions, and optionally a per-epoch set-up
+(learning rate) and a rank-0 evaluation (validation metrics): the shape of solo-learn's
+``BaseMethod`` (the method gives ``training_step``, the harness owns the loop). The harness owns
+the epoch order, the all-reduce of the epoch's sums, the failure check of the frame stream, the
+history, the checkpoint per epoch (written by rank 0 only; every rank reports) and the progress
+line, so a resumed or retried run continues from the last saved epoch the same way in every job.
+
+Epochs are counted the same way everywhere: a history entry's ``epoch`` and a checkpoint's
+``epoch`` are the number of epochs finished (1 after the first); the index a method's
+``begin_epoch`` and ``step`` receive is 0-based (the learning-rate schedule's). Checkpoints live under ``<out>/ray/<name>``; the final model is copied to
 ``<out>/model.pt`` and the per-epoch metrics to ``<out>/metrics.json``, and ``complete.json``,
 written last, says the run's final files are all there (:mod:`cluster.completion`).
 """
@@ -13,19 +22,23 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import ray
 import ray.train
 import torch
+import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster.claim import claim_out
 from cluster.completion import FinalFiles, check_model_file, clear_complete
+from cluster.progress import format_eta
 from cluster.storage import Location, Storage, parse_uri
 from cluster.tracking import TrackerSpec, log_epoch, worker_tracker
 from ultrasound.backbone import ResNet18Backbone, adopt_weights, read_state, state_channels
@@ -90,9 +103,23 @@ def fit(
     """
     storage = storage or Storage()
     out = parse_uri(out_uri)
+    extras = {"_tracker": tracking.as_dict() if tracking else None,
+              "_run_id": uuid.uuid4().hex[:12]}  # tells this invocation's epochs from a resumed one's
     with claim_out(out, storage, resume=resume):
-        return _fit_claimed(train_loop, {**loop_config, "_tracker": tracking.as_dict() if tracking else None},
-                            datasets, out, scale, resume, storage, keep_checkpoints)
+        return _fit_claimed(train_loop, {**loop_config, **extras}, datasets, out, scale, resume, storage,
+                            keep_checkpoints)
+
+
+def check_run_slot(out_uri: str, storage: Storage, resume: bool) -> None:
+    """Refuse a new run where ``out_uri`` already holds one (Ray Train would silently resume it),
+    and a ``resume`` where it holds none. Jobs call it before they write anything under ``out``."""
+    out = parse_uri(out_uri)
+    exists = storage.exists(run_location(out.uri).join(RUN_NAME))
+    if exists and not resume:
+        raise TrainingError(f"{out.uri} already holds a training run: pass --resume to continue it, "
+                            f"or choose another --out")
+    if resume and not exists:
+        raise TrainingError(f"--resume: no run to resume under {out.uri}")
 
 
 def _fit_claimed(train_loop: Callable[[dict], None], loop_config: dict, datasets: dict[str, ray.data.Dataset],
@@ -101,12 +128,7 @@ def _fit_claimed(train_loop: Callable[[dict], None], loop_config: dict, datasets
     """``fit`` once this process holds the claim on ``out``."""
     out_uri = out.uri
     runs = run_location(out_uri)
-    exists = storage.exists(runs.join(RUN_NAME))
-    if exists and not resume:
-        raise TrainingError(f"{out.uri} already holds a training run: pass --resume to continue it, "
-                            f"or choose another --out")
-    if resume and not exists:
-        raise TrainingError(f"--resume: no run to resume under {out.uri}")
+    check_run_slot(out_uri, storage, resume)
     if resume:
         verify_checkpoints(runs.join(RUN_NAME), storage)
     clear_complete(out, storage)  # complete again only once this run has written its final files
@@ -189,6 +211,14 @@ def tune_report_callbacks() -> list:
         return [TuneReportCallback()]
     except RuntimeError:  # "must be used in a Tune session": a plain training run
         return []
+
+
+def final_state(result: ray.train.Result, out_uri: str) -> dict:
+    """The state of the run's last checkpoint (what ``model.pt`` is made of)."""
+    if result.checkpoint is None:
+        raise TrainingError(f"training under {out_uri} produced no checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        return read_checkpoint_folder(folder)
 
 
 def export_final(result: ray.train.Result, files: FinalFiles, history: list[dict],
@@ -353,3 +383,136 @@ def raise_if_aborted(stream, out_uri: str) -> None:
     if message:
         raise TrainingError(f"{message}. Checkpoints of the epochs before are kept under {out_uri}: "
                             f"fix or remove those videos and pass --resume")
+
+
+# -- the shared epoch loop ---------------------------------------------------------------------
+def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Sum (or max) of per-worker numbers over all workers; the numbers themselves alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=on)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.cpu().tolist()
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a worker starts: ``start`` epochs already finished, their ``history``, and the
+    checkpoint ``state`` they left (None on a fresh run)."""
+
+    start: int = 0
+    history: list[dict] = field(default_factory=list)
+    state: dict | None = None
+
+
+def resume_point() -> Resumed:
+    """The last checkpoint of this run (after ``--resume`` or a worker retry), or a fresh start."""
+    state = restore_state()
+    if state is None:
+        return Resumed()
+    done = int(state["epoch"])
+    return Resumed(done, [h for h in state["history"] if int(h["epoch"]) <= done], state)
+
+
+def _no_extras(epoch: int) -> dict:
+    return {}
+
+
+def _no_text(metrics: Mapping) -> str:
+    return ""
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a training method gives :func:`run_epochs` (solo-learn's split: the method owns its
+    step, the harness owns the loop).
+
+    Args:
+        job: names the progress lines and a stop message ("pretrain", "msml").
+        epochs: epochs in all (a resumed run continues up to it).
+        seed: seeds every epoch's batch order (:func:`epoch_batches`).
+        batch_rows: rows per step on this worker; ``shuffle_rows``: the local shuffle buffer.
+        min_rows: a batch with fewer rows is skipped (every rank gets the same sizes, so every
+            rank skips the same step): NT-Xent needs a negative, BatchNorm two samples.
+        images_per_row: images a row gives (2 SPG views per video in USCL; 1 frame in MSML).
+        step: ``(numpy batch, 0-based epoch) -> (loss x weight, weight)``: one optimiser step;
+            the epoch's loss is the sum over ranks and steps of the first over that of the second.
+        checkpoint: ``(epochs finished, history) -> state`` saved for that epoch.
+        begin_epoch: ``0-based epoch -> extra metrics``, before its first batch (the learning rate).
+        evaluate: ``() -> extra metrics`` on rank 0 after each epoch (validation scores).
+        describe: ``metrics -> text`` for the progress line, after the loss.
+    """
+
+    job: str
+    epochs: int
+    seed: int
+    batch_rows: int
+    shuffle_rows: int
+    step: Callable[[dict, int], tuple[float, float]]
+    checkpoint: Callable[[int, list[dict]], dict]
+    min_rows: int = 1
+    images_per_row: int = 1
+    begin_epoch: Callable[[int], dict] = _no_extras
+    evaluate: Callable[[], dict] | None = None
+    describe: Callable[[Mapping], str] = _no_text
+
+
+def _rows(batch: Mapping[str, np.ndarray]) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+def run_epochs(method: Method, ctx: WorkerContext, config: Mapping, resumed: Resumed) -> None:
+    """Train ``method`` from ``resumed.start`` to ``method.epochs`` on this worker's shard.
+
+    Per epoch: ``begin_epoch``, a pass of ``step`` over the seeded batches, the sums of loss,
+    weight, steps and images over all ranks (seconds: the slowest rank's), the stream's failure
+    check (a stop leaves every earlier checkpoint resumable), rank 0's ``evaluate``, one history
+    entry (``epoch`` finished, ``loss``, ``images``, ``images_per_s``, the extras,
+    ``skipped_videos``, ``seconds``, ``session_start``, ``run_id``), the checkpoint, and a
+    progress line with the ETA on rank 0. A resumed run that is already finished reports its
+    restored state again, so that the result is that state.
+    """
+    history = list(resumed.history)
+    if resumed.state is not None and resumed.start >= method.epochs:
+        last = history[-1] if history else {"epoch": resumed.start}
+        report_epoch({k: v for k, v in last.items() if isinstance(v, (int, float))}, resumed.state, ctx.rank)
+        return
+    shard = dataset_shard("train")
+    log, seen = config.get("stream_log"), 0
+    n_videos, limit = int(config.get("n_videos", 0)), float(config.get("max_failed_fraction", 1.0))
+    for epoch in range(resumed.start, method.epochs):
+        extras = method.begin_epoch(epoch)
+        began = time.perf_counter()
+        loss, weight, steps, images = 0.0, 0.0, 0, 0
+        for batch in epoch_batches(shard, method.batch_rows, seed=method.seed, epoch=epoch,
+                                   shuffle_rows=method.shuffle_rows):
+            rows = _rows(batch)
+            if rows < method.min_rows:
+                continue
+            value, w = method.step(batch, epoch)
+            loss, weight, steps, images = loss + value, weight + w, steps + 1, images + rows * method.images_per_row
+        seconds = time.perf_counter() - began
+        loss, weight, steps, images = all_reduce([loss, weight, steps, images], ctx.device)
+        (seconds,) = all_reduce([seconds], ctx.device, op="max")
+        inputs = check_epoch_inputs(log, seen, n_videos, int(steps), epoch + 1, limit)
+        seen = inputs.seen
+        if inputs.abort:
+            stop_run(log, f"{method.job}: {inputs.abort}", ctx.rank)
+            return
+        metrics = {"epoch": epoch + 1, "loss": loss / weight, "images": int(images),
+                   "images_per_s": images / seconds if seconds > 0 else 0.0, **extras,
+                   "skipped_videos": inputs.skipped}
+        if ctx.rank == 0 and method.evaluate is not None:
+            metrics.update(method.evaluate())
+        metrics["seconds"] = round(time.perf_counter() - began, 3)
+        history.append({**metrics, "session_start": resumed.start, "run_id": config.get("_run_id")})
+        report_epoch(metrics, method.checkpoint(epoch + 1, history), ctx.rank)
+        if ctx.rank == 0:  # the worker's stderr reaches the driver's (print would log it twice)
+            skipped = f", {inputs.skipped} video(s) skipped" if inputs.skipped else ""
+            left = method.epochs - epoch - 1
+            eta = f", ETA {format_eta(metrics['seconds'] * left)}" if left else ""
+            sys.stderr.write(f"{method.job}: epoch {epoch + 1}/{method.epochs} loss {metrics['loss']:.4f}"
+                             f"{method.describe(metrics)}, {metrics['images_per_s']:.1f} images/s"
+                             f"{skipped}{eta}\n")
+            sys.stderr.flush()

@@ -62,14 +62,14 @@ def test_two_worker_pretrain_lowers_the_loss(phantom16_uri, tmp_path):
     assert result["checkpoint"] == str(out / "model.pt")
     saved = load_model_file(result["checkpoint"])
     assert "optimizer" not in saved  # model.pt is the model, not the resume state
-    assert saved["epoch"] == 7 and saved["config"]["epochs"] == 8
+    assert saved["epoch"] == 8 and saved["config"]["epochs"] == 8  # epochs finished
     assert saved["classes"] == ["covid", "pneumonia", "regular"]
     data = load_dataset(phantom16_uri)
     assert saved["labelled_video_ids"] == sorted(r["video_id"] for r in data.rows)
     assert saved["config"]["num_classes"] == 3
     assert any(k.startswith("classifier.") for k in saved["model"])  # the CE head was trained
     history = json.loads((out / "metrics.json").read_text())
-    assert [h["epoch"] for h in history] == list(range(8))
+    assert [h["epoch"] for h in history] == list(range(1, 9))
     assert [round(h["loss"], 6) for h in history] == result["loss"]
     assert_backbone_export_matches(out, saved["model"], channels=1, image_size=32)
     assert_mlflow_run_holds_the_epochs(mlruns, result["loss"])
@@ -85,7 +85,7 @@ def assert_mlflow_run_holds_the_epochs(mlruns, losses: list[float]) -> None:
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
-    assert [m.step for m in history] == list(range(8))
+    assert [m.step for m in history] == list(range(1, 9))
     assert [round(m.value, 6) for m in history] == losses
     assert run.data.params["config.epochs"] == "8" and run.data.params["job"] == "pretrain"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -153,7 +153,7 @@ def test_resume_continues_from_the_saved_epoch_and_labels_of_the_held_out_fold_s
     assert code == 0
     assert second["epochs"] == 3 and second["loss"][:2] == first["loss"]
     history = load_model_file(second["checkpoint"])["history"]
-    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
     first_run, second_run = history[0]["run_id"], history[2]["run_id"]
     assert history[1]["run_id"] == first_run != second_run  # only epoch 2 ran the second time
     assert history[2]["session_start"] == 2
@@ -180,7 +180,7 @@ def test_a_worker_killed_mid_run_is_retried_and_the_run_completes(phantom16_uri,
                       loop_extras={"_crash_once_marker": str(marker), "_crash_epoch": 1})
     assert marker.read_text().startswith("rank 1 died at epoch 1")  # the worker really died
     history = result.history
-    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[0]["session_start"] == 0
     # the restarted workers resumed from the epoch-0 checkpoint, not from scratch
     assert history[1]["session_start"] == history[2]["session_start"] == 1
@@ -189,8 +189,8 @@ def test_a_worker_killed_mid_run_is_retried_and_the_run_completes(phantom16_uri,
 
 
 def saved_epoch(out) -> int | None:
-    """The epoch of the newest checkpoint Ray Train has registered for the run under ``out``
-    (what a resume starts after), or None while there is none."""
+    """The epochs finished by the newest checkpoint Ray Train has registered for the run under
+    ``out`` (what a resume starts after), or None while there is none."""
     snapshot = out / "ray" / "run" / "checkpoint_manager_snapshot.json"
     try:
         latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
@@ -222,14 +222,14 @@ def test_a_driver_killed_mid_epoch_resumes_with_no_epoch_lost_or_repeated(phanto
                                   cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
         try:
             deadline = time.monotonic() + 300
-            while (saved_epoch(out) or 0) < 1 and driver.poll() is None and time.monotonic() < deadline:
+            while (saved_epoch(out) or 0) < 2 and driver.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
         finally:
             os.killpg(driver.pid, signal.SIGKILL)  # the driver and whatever it started, nothing else
             driver.wait(timeout=30)
     killed_after = saved_epoch(out)
     log_text = (tmp_path / "killed.log").read_text(errors="replace")
-    assert killed_after is not None and 1 <= killed_after < epochs - 1, log_text[-3000:]
+    assert killed_after is not None and 2 <= killed_after < epochs, log_text[-3000:]
     # a default run's output is sonoray's own: progress and epoch lines, none of Ray's internals
     lines = [line for line in log_text.splitlines() if line.strip()]
     assert lines and all(line.startswith(("[sonoray ", "pretrain: epoch ")) for line in lines), log_text[-3000:]
@@ -239,11 +239,11 @@ def test_a_driver_killed_mid_epoch_resumes_with_no_epoch_lost_or_repeated(phanto
     code, resumed = run_cli(main, [*argv, "--resume", "--json"])
     assert code == 0
     history = load_model_file(resumed["checkpoint"])["history"]
-    assert [h["epoch"] for h in history] == list(range(epochs))  # none lost, none twice
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))  # none lost, none twice
     first, second = history[0]["run_id"], history[-1]["run_id"]
     assert first != second
-    assert [h["run_id"] for h in history] == [first] * (killed_after + 1) + [second] * (epochs - killed_after - 1)
-    assert all(h["session_start"] == killed_after + 1 for h in history[killed_after + 1:])
+    assert [h["run_id"] for h in history] == [first] * killed_after + [second] * (epochs - killed_after)
+    assert all(h["session_start"] == killed_after for h in history[killed_after:])
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(history))
     marker = json.loads((out / "complete.json").read_text())
     assert set(marker["files"]) == {"model.pt", "backbone.safetensors", "metrics.json", "pretrain.json"}
