@@ -7,7 +7,7 @@ from cluster.cache import list_cache, remove_cache
 from cluster.dataset import load_dataset
 from cluster.frames import drain, frame_stream
 from jobs.common import add_json_arg, add_ray_args, add_storage_args, connect_ray, storage_from
-from jobs.frames import add_sampling_args, spec_from
+from jobs.frames import add_stream_frame_args, spec_from
 from jobs.output import UserError, emit_json, progress
 
 
@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("action", choices=["ls", "build", "rm"])
     p.add_argument("uri", metavar="URI", help="data set root written by `sonoray ingest`")
-    add_sampling_args(p)
+    add_stream_frame_args(p)
     p.add_argument("--key", default=None, help="rm: only the cache with this key (see `ls`)")
     p.add_argument("--stale", action="store_true",
                    help="rm: only shards of videos no longer in the manifest (changed or removed)")

@@ -1,7 +1,16 @@
-"""Flags shared by several jobs, and turning them into cluster/ objects."""
+"""Flags shared by several jobs, declared once in groups, and turning them into cluster/ objects.
+
+Groups: frame sampling (``--fps``, ``--max-per-video``), frame format (``--image-size``,
+``--channels``), scale (``--workers``, ``--gpu``, ``--max-failures``), the frame stream,
+storage, Ray, tracking and ``--json``. A job passes its own defaults; the help text is built
+from them (or from the config class's field defaults, :func:`config_default`), never typed
+twice.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
 
 from cluster.storage import Storage, StorageConfig
 
@@ -37,16 +46,71 @@ def add_stream_args(parser: argparse.ArgumentParser, training: bool = False) -> 
                                  "(default: %(default)g)")
 
 
+def config_default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``cls`` (for help texts)."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
+
+def default_help(cls: type, name: str, source: str = "config") -> str:
+    """``"default: the config's, else 30"``: the help text of a flag that overrides field
+    ``name`` of config class ``cls``."""
+    return _default_text(config_default(cls, name), source, "none")
+
+
+def _default_text(value: Any, source: str | None, none: str) -> str:
+    shown = none if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+    return f"default: the {source}'s, else {shown}" if source else f"default: {shown}"
+
+
+def add_sampling_args(parser, *, fps: float | None = None, max_per_video: int | None = None,
+                      zero_is_none: bool = False, fps_into=None) -> None:
+    """``--fps`` and ``--max-per-video`` with this job's defaults. ``zero_is_none``: 0 means
+    every frame / no cap (the flags then default to numbers). ``fps_into``: the (mutually
+    exclusive) group ``--fps`` goes in, else ``parser``."""
+    zero = "; 0: all" if zero_is_none else ""
+    (fps_into or parser).add_argument(
+        "--fps", type=float, default=fps, metavar="F",
+        help=f"frames kept per second of video ({_default_text(fps, None, 'every frame')}{zero})")
+    parser.add_argument("--max-per-video", type=int, default=max_per_video, metavar="N",
+                        help=f"frames per video at most ({_default_text(max_per_video, None, 'no cap')}"
+                             f"{'; 0: no cap' if zero_is_none else ''})")
+
+
+def add_format_args(parser, *, image_size: int | None = None, channels: int | None = None,
+                    source: str | None = None, native: bool = False) -> None:
+    """``--image-size`` (also ``--size``) and ``--channels``. With ``source`` ("config",
+    "checkpoint") the flags default to None, the value then comes from that source, and
+    ``image_size`` / ``channels`` are what the help says it falls back to. ``native``: no size
+    means the video's own."""
+    parser.add_argument("--image-size", "--size", dest="image_size", type=int,
+                        default=None if source else image_size, metavar="S",
+                        help=f"square frame side in pixels ({_default_text(image_size, source, 'native size')})")
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=None if source else channels,
+                        help=f"1 = grayscale, 3 = RGB ({_default_text(channels, source, '?')})")
+
+
+def add_scale_args(parser, *, gpu_help: str = "one GPU per worker") -> None:
+    """``--workers``, ``--gpu`` and ``--max-failures`` of a Ray Train job (``cluster.train.ScaleSpec``)."""
+    from cluster.train import ScaleSpec
+
+    group = parser.add_argument_group("scale")
+    group.add_argument("--workers", type=int, default=ScaleSpec.workers,
+                       help="data-parallel training workers (default: %(default)s)")
+    group.add_argument("--gpu", action="store_true", help=gpu_help)
+    group.add_argument("--max-failures", type=int, default=ScaleSpec.max_failures,
+                       help="times a failed worker group restarts from the last checkpoint (default: %(default)s)")
+
+
 def add_embedding_args(parser: argparse.ArgumentParser, cache_default: str) -> None:
     """How frames are sampled and embedded by a frozen trunk (simulate, query): one group, one
     set of defaults (:class:`cluster.embeddings.SampleSpec`'s)."""
+    from cluster.embeddings import SampleSpec
+
     group = parser.add_argument_group("frames and embeddings")
     group.add_argument("--init", default=None, metavar="CKPT",
                        help="backbone checkpoint URI: model.pt or backbone.safetensors (default: random init)")
-    group.add_argument("--fps", type=float, default=3.0, help="frames kept per second (default 3; 0 = all)")
-    group.add_argument("--max-per-video", type=int, default=30, help="frames per video at most (30; 0 = no cap)")
-    group.add_argument("--size", type=int, default=224, help="frame side for the trunk (224)")
-    group.add_argument("--channels", type=int, choices=[1, 3], default=3, help="trunk input channels (3)")
+    add_sampling_args(group, fps=SampleSpec.fps, max_per_video=SampleSpec.max_per_video, zero_is_none=True)
+    add_format_args(group, image_size=SampleSpec.size, channels=SampleSpec.channels)
     group.add_argument("--embed-seed", type=int, default=0, help="seed of a random-init trunk (0)")
     group.add_argument("--embed-workers", type=int, default=None, help="embedding actors at most")
     group.add_argument("--embed-gpu", action="store_true", help="embed on GPUs")
@@ -59,7 +123,7 @@ def sample_spec_from(args: argparse.Namespace):
     from jobs.output import UserError
 
     try:
-        return SampleSpec(fps=args.fps or None, max_per_video=args.max_per_video or None, size=args.size,
+        return SampleSpec(fps=args.fps or None, max_per_video=args.max_per_video or None, size=args.image_size,
                           channels=args.channels, init=args.init, seed=args.embed_seed,
                           workers=args.embed_workers, gpu=args.embed_gpu, frame_cache=not args.no_cache)
     except ValueError as err:

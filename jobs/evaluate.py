@@ -14,8 +14,10 @@ from typing import TextIO
 
 from jobs.common import (
     add_flag_config_args,
-    apply_flag_config,
+    add_format_args,
     add_job_args,
+    add_sampling_args,
+    apply_flag_config,
     connect_ray,
     csv_list,
     storage_from,
@@ -48,12 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "paired per-fold differences (earlier minus later) with 95%% bootstrap CIs and sign tests")
     p.add_argument("--classes", default=None, metavar="A,B,...", help="classes to keep (default: all labels)")
     p.add_argument("--probe", default=None, help="keep videos of this probe only, e.g. convex")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="frame size (default: the checkpoint's, else 224)")
-    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
-                   help="(default: the checkpoint's, else 1)")
-    p.add_argument("--fps", type=float, default=3.0, help="frames per second sampled (default 3)")
-    p.add_argument("--max-per-video", type=int, default=30, help="cap per video (default 30)")
+    add_format_args(p, image_size=224, channels=1, source="checkpoint")
+    add_sampling_args(p, fps=3.0, max_per_video=30)  # the POCUS authors' sampling
     p.add_argument("--epochs", type=int, default=100, help="fine-tuning epochs (default 100, the authors')")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01, the authors')")
     p.add_argument("--gpu", action="store_true", help="compute features / fine-tune on this machine's GPU")

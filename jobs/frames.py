@@ -6,7 +6,9 @@ import argparse
 from cluster.dataset import load_dataset
 from cluster.frames import StreamSpec, drain, frame_stream
 from jobs.common import (
+    add_format_args,
     add_job_args,
+    add_sampling_args,
     connect_ray,
     storage_from,
 )
@@ -22,19 +24,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(--per-video) of the data set at URI through Ray Data, and report throughput.",
     )
     p.add_argument("uri", metavar="URI", help="data set root written by `sonoray ingest`")
-    add_sampling_args(p)
+    add_stream_frame_args(p)
     p.add_argument("--limit", type=int, default=None, help="stop after N frames")
     add_job_args(p)
     p.set_defaults(func=run)
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_stream_frame_args(p: argparse.ArgumentParser) -> None:
+    """The frame stream's own sampling and format flags (frames, cache): the shared groups with
+    every frame at native size by default, plus ``--per-video``, ``--crop`` and ``--seed``."""
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--fps", type=float, default=None, help="keep F frames per second")
-    group.add_argument("--per-video", type=int, default=None, help="keep K random frames per video")
-    p.add_argument("--max-per-video", type=int, default=None, help="cap frames per video")
-    p.add_argument("--size", type=int, default=None, help="resize frames to SxS (default: native size)")
-    p.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 = grayscale, 3 = RGB")
+    group.add_argument("--per-video", type=int, default=None, metavar="K", help="keep K random frames per video")
+    add_sampling_args(p, fps_into=group)
+    add_format_args(p, channels=FrameFormat.channels)
     p.add_argument("--crop", action="store_true", help="crop each video to its scan sector")
     p.add_argument("--seed", type=int, default=None, help="seed for --per-video picks")
     p.add_argument("--max-decoded-gib", type=float, default=DEFAULT_MAX_DECODED_BYTES / 1024**3,
@@ -45,7 +47,7 @@ def spec_from(args: argparse.Namespace, mode: str = "frames") -> StreamSpec:
     try:
         return StreamSpec(
             sampling=FrameSampling(fps=args.fps, per_video=args.per_video, max_per_video=args.max_per_video),
-            fmt=FrameFormat(channels=args.channels, size=args.size, crop_sector=args.crop),
+            fmt=FrameFormat(channels=args.channels, size=args.image_size, crop_sector=args.crop),
             mode=mode,
             seed=args.seed,
             max_decoded_bytes=int(args.max_decoded_gib * 1024**3),

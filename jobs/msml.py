@@ -10,10 +10,14 @@ import argparse
 import time
 from typing import Any
 
-
 from jobs.common import (
     add_config_args,
+    add_format_args,
     add_job_args,
+    add_sampling_args,
+    add_scale_args,
+    config_default,
+    default_help,
     connect_ray,
     csv_list,
     storage_from,
@@ -39,24 +43,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "ResNet-18 state dict (path or s3:// URI); default: random init")
     add_config_args(p, "MSML settings")
     p.add_argument("--labels", metavar="COL,..", help="finding columns to learn (default: all the manifest's)")
-    p.add_argument("--epochs", type=int, help="training epochs (default 30)")
-    p.add_argument("--batch-size", type=int, help="frames per step over all workers (default 32)")
-    p.add_argument("--image-size", type=int, help="square input side (default 224)")
-    p.add_argument("--channels", type=int, choices=[1, 3], help="1 = grayscale, 3 = RGB (default 3)")
-    p.add_argument("--loss", choices=["bce", "asymmetric"], help="positive-weighted BCE or asymmetric loss")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--seed", type=int, help="seed of initialisation, shuffling and augmentation")
-    p.add_argument("--fps", type=float, help="training/validation frames per second of video (default: all)")
-    p.add_argument("--max-per-video", type=int, help="cap on frames per video")
+    from ultrasound.msml import MSMLConfig
+
+    def default(name: str) -> str:
+        return default_help(MSMLConfig, name)
+
+    p.add_argument("--epochs", type=int, help=f"training epochs ({default('epochs')})")
+    p.add_argument("--batch-size", type=int, help=f"frames per step over all workers ({default('batch_size')})")
+    add_format_args(p, image_size=config_default(MSMLConfig, "image_size"),
+                    channels=config_default(MSMLConfig, "channels"), source="config")
+    p.add_argument("--loss", choices=["bce", "asymmetric"],
+                   help=f"positive-weighted BCE or asymmetric loss ({default('loss')})")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate ({default('lr')})")
+    p.add_argument("--seed", type=int, help=f"seed of initialisation, shuffling and augmentation ({default('seed')})")
+    add_sampling_args(p)
     p.add_argument("--val-max-per-video", type=int, default=32,
                    help="cap on validation frames per video, held in memory (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of patients in validation (default 0.2)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split")
-    p.add_argument("--workers", type=int, default=1, help="data-parallel training workers (default 1)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    add_scale_args(p)
     p.add_argument("--resume", action="store_true", help="continue the run under --out from its last epoch")
-    p.add_argument("--max-failures", type=int, default=1, help="worker-failure retries (default 1)")
-    p.add_argument("--gradcam", type=int, default=6, help="Grad-CAM overlays to save (default 6)")
+    p.add_argument("--gradcam", type=int, default=6, help="Grad-CAM overlays to save (default %(default)s)")
     add_job_args(p, training=True, tracker=True)
     p.set_defaults(func=run)
 

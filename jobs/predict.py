@@ -13,8 +13,9 @@ import os
 
 from jobs.common import (
     add_flag_config_args,
-    apply_flag_config,
     add_job_args,
+    add_sampling_args,
+    apply_flag_config,
     connect_ray,
     storage_from,
 )
@@ -34,8 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="URI", help="where frames.parquet, videos.parquet/.csv and gradcam/ go")
     p.add_argument("--gradcam", type=int, default=6, metavar="N",
                    help="Grad-CAM overlays of the N top-scoring frames, findings in turn (default 6; 0: none)")
-    p.add_argument("--fps", type=float, default=None, help="frames per second scored (default: every frame)")
-    p.add_argument("--max-per-video", type=int, default=None, help="cap on frames scored per video")
+    add_sampling_args(p)
     p.add_argument("--gpu", action="store_true", help="score on the Ray cluster's GPUs")
     add_job_args(p)
     add_flag_config_args(p, "predict settings")

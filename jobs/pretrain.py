@@ -12,7 +12,11 @@ from typing import Any
 
 from jobs.common import (
     add_config_args,
+    add_format_args,
     add_job_args,
+    add_scale_args,
+    config_default,
+    default_help,
     connect_ray,
     csv_list,
     storage_from,
@@ -37,25 +41,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="URI", help="data set root written by `sonoray ingest`")
     p.add_argument("--out", required=True, metavar="URI", help="run folder (local or s3://): checkpoints, "
                    "metrics.json, model.pt")
-    p.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker: NCCL and bf16 mixed precision")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: config, else 300)")
+    from ultrasound.uscl import USCLConfig
+
+    def default(name: str) -> str:
+        return default_help(USCLConfig, name)
+
+    add_scale_args(p, gpu_help="one GPU per worker: NCCL and bf16 mixed precision")
+    p.add_argument("--epochs", type=int, default=None, help=f"epochs ({default('epochs')})")
     p.add_argument("--batch-videos", type=int, default=None,
-                   help="videos per step over all workers (default: config, else 32)")
-    p.add_argument("--image-size", type=int, default=None, help="square frame size (default: config, else 224)")
-    p.add_argument("--channels", type=int, choices=[1, 3], default=None,
-                   help="1 = grayscale, 3 = RGB (default: config, else 3)")
+                   help=f"videos per step over all workers ({default('batch_videos')})")
+    add_format_args(p, image_size=config_default(USCLConfig, "image_size"),
+                    channels=config_default(USCLConfig, "channels"), source="config")
     add_config_args(p, "USCL settings (unknown keys are refused)")
     p.add_argument("--init", default=None, metavar="PATH",
                    help="start the backbone from this state dict (e.g. ImageNet ResNet-18 weights "
                    "you downloaded; local or s3://)")
     p.add_argument("--resume", action="store_true", help="continue the run under --out from its last checkpoint")
-    p.add_argument("--max-failures", type=int, default=1,
-                   help="times a failed worker group is restarted from the last checkpoint (default 1)")
     p.add_argument("--pairs", choices=["uscl", "frames", "image"], default=None,
                    help="positive pairs: uscl = sample pair generation (mixup of 3 frames), frames = two "
                    "frames of one video unmixed, image = two augmentations of one frame "
-                   "(default: config, else uscl)")
+                   f"({default('pairs')})")
     p.add_argument("--simclr", action="store_true",
                    help="the authors' SimCLR baseline: --pairs image, no cross-entropy")
     p.add_argument("--unlabelled", action="store_true", default=None,

@@ -80,3 +80,46 @@ def test_counted_progress_is_a_line_with_an_eta_and_a_bar_on_a_terminal(capsys, 
         output.progress(Count("simulate", done, 10, "experiments", started=started))
     drawn = terminal.getvalue()
     assert "40%" in drawn and "100%" in drawn and "10/10" in drawn and not output._BARS
+
+
+def _job_parser(name: str):
+    parser = build_parser()
+    return next(a for a in parser._actions if a.dest == "command").choices[name]
+
+
+def _flag(parser, option: str):
+    return next(a for a in parser._actions if option in a.option_strings)
+
+
+@pytest.mark.parametrize("name", ["frames", "cache", "evaluate", "msml", "pretrain", "simulate", "query"])
+def test_frame_format_and_sampling_flags_are_one_declaration(name):
+    """--image-size (alias --size), --channels, --fps and --max-per-video are the shared groups
+    in every frame-reading job: the same names, the same destination, help built from the default."""
+    parser = _job_parser(name)
+    size = _flag(parser, "--image-size")
+    assert size.option_strings == ["--image-size", "--size"] and size.dest == "image_size"
+    assert _flag(parser, "--channels").choices == [1, 3]
+    if name not in ("pretrain",):  # pretrain samples clips, not frames per second
+        fps, cap = _flag(parser, "--fps"), _flag(parser, "--max-per-video")
+        assert "frames kept per second of video" in fps.help and "frames per video at most" in cap.help
+        assert (f"{fps.default:g}" if fps.default else "every frame") in fps.help
+
+
+@pytest.mark.parametrize("name, config_path, flags", [
+    ("msml", "ultrasound.msml:MSMLConfig", {"--epochs": "epochs", "--lr": "lr", "--batch-size": "batch_size",
+                                           "--image-size": "image_size", "--channels": "channels"}),
+    ("pretrain", "ultrasound.uscl:USCLConfig", {"--epochs": "epochs", "--batch-videos": "batch_videos",
+                                               "--image-size": "image_size", "--pairs": "pairs"}),
+])
+def test_help_defaults_come_from_the_config_fields(name, config_path, flags):
+    import dataclasses
+    import importlib
+
+    module, cls = config_path.split(":")
+    defaults = {f.name: f.default for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    parser = _job_parser(name)
+    for option, field in flags.items():
+        value = defaults[field]
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        assert f"default: the config's, else {shown})" in _flag(parser, option).help, option
+        assert _flag(parser, option).default is None  # unset flags leave the config's value
