@@ -1,9 +1,10 @@
 """Job settings, read the same way by every job: the defaults, then a ``--config`` YAML file (a
 local path or ``s3://...``), then ``--set KEY=VALUE`` overrides, then the flags given.
 
-The typed config classes (``USCLConfig``, ``MSMLConfig``, ``SimulationConfig``) check the merged
-mapping: an unknown key is refused with a "did you mean" hint and the valid keys, a number
-written as text (YAML reads ``3e-4`` as a string) is converted. Errors here are one line naming
+The typed config models (``USCLConfig``, ``MSMLConfig``, ``SimulationConfig``: pydantic models on
+:class:`ultrasound.config.Settings`) check the merged mapping: an unknown key is refused with a
+"did you mean" hint and the valid keys, a number written as text (YAML reads ``3e-4`` as a
+string) is converted. Their fields also declare the jobs' flags (``jobs.common.add_settings_flags``). Errors here are one line naming
 the file, the key or the value (:class:`ConfigError`, exit status 2 on the command line).
 """
 from __future__ import annotations

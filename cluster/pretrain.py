@@ -23,7 +23,6 @@ epoch, loss, images, images_per_s, lr, skipped_videos, seconds, session_start, r
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -210,7 +209,7 @@ def pretrain_claimed(
     if cfg.batch_videos < scale.workers:
         raise ValueError(f"batch_videos ({cfg.batch_videos}) must be >= workers ({scale.workers})")
     plan = plan_labels(data, use_labels=not unlabelled and cfg.semi_supervised, holdout=holdout)
-    cfg = dataclasses.replace(cfg, num_classes=len(plan.classes) if plan.class_of else 0)
+    cfg = cfg.replace(num_classes=len(plan.classes) if plan.class_of else 0)
     out = parse_uri(out_uri)
     check_run_slot(out.uri, storage, resume)
     spec = {"config": cfg.to_dict(), "unlabelled": bool(unlabelled),

@@ -9,7 +9,7 @@ twice.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from cluster.storage import Storage, StorageConfig
@@ -47,8 +47,8 @@ def add_stream_args(parser: argparse.ArgumentParser, training: bool = False) -> 
 
 
 def config_default(cls: type, name: str) -> Any:
-    """The default of field ``name`` of the config dataclass ``cls`` (for help texts)."""
-    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+    """The default of field ``name`` of the config model ``cls`` (for help texts)."""
+    return cls.default_of(name)
 
 
 def default_help(cls: type, name: str, source: str = "config") -> str:
@@ -60,6 +60,41 @@ def default_help(cls: type, name: str, source: str = "config") -> str:
 def _default_text(value: Any, source: str | None, none: str) -> str:
     shown = none if value is None else f"{value:g}" if isinstance(value, float) else str(value)
     return f"default: the {source}'s, else {shown}" if source else f"default: {shown}"
+
+
+def _flag_type(annotation: Any):
+    """The argparse ``type`` of a config field: tuples are comma-separated lists, a union with
+    a word (``int | str | None``) stays text for the model to convert."""
+    text = str(annotation)
+    if "tuple" in text:
+        return csv_list
+    if "str" in text:
+        return str
+    return int if "int" in text else float if "float" in text else str
+
+
+def add_settings_flags(parser, model: type, names, *, choices: Mapping[str, Any] | None = None,
+                       metavars: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """One flag per field of the config ``model`` in ``names`` (``per_round`` -> ``--per-round``):
+    its type from the field's annotation, its help the field's description and default, and
+    default None, so an unset flag leaves the config file's (or the model's) value. Returns the
+    names (the keys :func:`settings_from_flags` reads)."""
+    names = tuple(names)
+    for name in names:
+        info = model.model_fields[name]
+        default = info.default
+        shown = ",".join(default) if isinstance(default, tuple) else "none" if default is None else (
+            f"{default:g}" if isinstance(default, float) else str(default))
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(info.annotation), default=None,
+                            choices=(choices or {}).get(name), metavar=(metavars or {}).get(name),
+                            help=info.description if "(default" in info.description
+                            else f"{info.description} (default: {shown})")
+    return names
+
+
+def settings_from_flags(args: argparse.Namespace, names) -> dict[str, Any]:
+    """The values of the :func:`add_settings_flags` flags that were given."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def add_sampling_args(parser, *, fps: float | None = None, max_per_video: int | None = None,

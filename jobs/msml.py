@@ -16,8 +16,8 @@ from jobs.common import (
     add_job_args,
     add_sampling_args,
     add_scale_args,
+    add_settings_flags,
     config_default,
-    default_help,
     connect_ray,
     csv_list,
     storage_from,
@@ -43,19 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "ResNet-18 state dict (path or s3:// URI); default: random init")
     add_config_args(p, "MSML settings")
     p.add_argument("--labels", metavar="COL,..", help="finding columns to learn (default: all the manifest's)")
-    from ultrasound.msml import MSMLConfig
+    from ultrasound.msml import LOSSES, MSMLConfig
 
-    def default(name: str) -> str:
-        return default_help(MSMLConfig, name)
-
-    p.add_argument("--epochs", type=int, help=f"training epochs ({default('epochs')})")
-    p.add_argument("--batch-size", type=int, help=f"frames per step over all workers ({default('batch_size')})")
+    add_settings_flags(p, MSMLConfig, ("epochs", "batch_size"))
     add_format_args(p, image_size=config_default(MSMLConfig, "image_size"),
                     channels=config_default(MSMLConfig, "channels"), source="config")
-    p.add_argument("--loss", choices=["bce", "asymmetric"],
-                   help=f"positive-weighted BCE or asymmetric loss ({default('loss')})")
-    p.add_argument("--lr", type=float, help=f"AdamW learning rate ({default('lr')})")
-    p.add_argument("--seed", type=int, help=f"seed of initialisation, shuffling and augmentation ({default('seed')})")
+    add_settings_flags(p, MSMLConfig, ("loss", "lr", "seed"), choices={"loss": list(LOSSES)})
     add_sampling_args(p)
     p.add_argument("--val-max-per-video", type=int, default=32,
                    help="cap on validation frames per video, held in memory (default %(default)s)")
@@ -68,10 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-FLAG_KEYS = {  # argparse dest -> MSMLConfig key
-    "epochs": "epochs", "batch_size": "batch_size", "image_size": "image_size", "channels": "channels",
-    "loss": "loss", "lr": "lr", "seed": "seed",
-}
+FLAG_KEYS = ("epochs", "batch_size", "image_size", "channels", "loss", "lr", "seed")  # MSMLConfig keys that are flags
 
 
 def resolve_config(manifest_findings: list[str], file_values: dict[str, Any], overrides: dict[str, Any],
@@ -115,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, storage)
     if not data.findings:
         raise UserError(f"{data.root.uri} has no finding columns: ingest with --labels COL,.. first")
-    overrides = {key: getattr(args, dest) for dest, key in FLAG_KEYS.items()}
+    overrides = {key: getattr(args, key) for key in FLAG_KEYS}
     config = resolve_config(data.findings, file_values, overrides, csv_list(args.labels))
     if args.workers < 1 or args.gradcam < 0 or args.max_failures < 0:
         raise UserError(f"need --workers >= 1, --gradcam >= 0 and --max-failures >= 0, got "

@@ -15,6 +15,7 @@ from jobs.common import (
     add_format_args,
     add_job_args,
     add_scale_args,
+    add_settings_flags,
     config_default,
     default_help,
     connect_ray,
@@ -43,13 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "metrics.json, model.pt")
     from ultrasound.uscl import USCLConfig
 
-    def default(name: str) -> str:
-        return default_help(USCLConfig, name)
-
     add_scale_args(p, gpu_help="one GPU per worker: NCCL and bf16 mixed precision")
-    p.add_argument("--epochs", type=int, default=None, help=f"epochs ({default('epochs')})")
-    p.add_argument("--batch-videos", type=int, default=None,
-                   help=f"videos per step over all workers ({default('batch_videos')})")
+    add_settings_flags(p, USCLConfig, ("epochs", "batch_videos"))
     add_format_args(p, image_size=config_default(USCLConfig, "image_size"),
                     channels=config_default(USCLConfig, "channels"), source="config")
     add_config_args(p, "USCL settings (unknown keys are refused)")
@@ -60,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", choices=["uscl", "frames", "image"], default=None,
                    help="positive pairs: uscl = sample pair generation (mixup of 3 frames), frames = two "
                    "frames of one video unmixed, image = two augmentations of one frame "
-                   f"({default('pairs')})")
+                   f"({default_help(USCLConfig, 'pairs')})")
     p.add_argument("--simclr", action="store_true",
                    help="the authors' SimCLR baseline: --pairs image, no cross-entropy")
     p.add_argument("--unlabelled", action="store_true", default=None,

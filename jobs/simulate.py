@@ -11,30 +11,25 @@ import argparse
 import time
 from typing import Any
 
-
 from jobs.common import (
     add_config_args,
     add_embedding_args,
     add_job_args,
     add_json_arg,
+    add_settings_flags,
     add_storage_args,
     connect_ray,
-    csv_list,
     sample_spec_from,
+    settings_from_flags,
     storage_from,
     tracker_from,
 )
 from jobs.output import UserError, emit_json, human_stream, progress
 
-# CLI flag -> SimulationConfig field (flags left unset keep the YAML's or the default value)
-CONFIG_FLAGS = {
-    "strategies": "strategies", "initial": "initial", "per_round": "per_round", "rounds": "rounds",
-    "seeds": "seeds", "mode": "mode", "labels": "labels", "noise": "noise", "cost_unit": "cost_unit",
-    "query_unit": "query_unit", "max_machine_per_round": "max_machine_per_round",
-    "confidence": "confidence", "audit": "audit", "audit_cost": "audit_cost",
-    "correlation_weight": "correlation_weight", "machine_weight": "machine_weight",
-    "test_fraction": "test_fraction", "embedding_dims": "embedding_dims",
-}
+# SimulationConfig fields that are flags too (flags left unset keep the YAML's or the default value)
+CONFIG_FLAGS = ("strategies", "initial", "per_round", "rounds", "seeds", "mode", "labels", "noise", "cost_unit",
+                "query_unit", "max_machine_per_round", "confidence", "audit", "audit_cost", "correlation_weight",
+                "machine_weight", "test_fraction", "embedding_dims")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,30 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="URI", help="data set written by `sonoray ingest`")
     p.add_argument("--out", required=True, metavar="URI", help="results folder (local path or s3://bucket/prefix)")
     add_config_args(p, "simulation settings")
-    p.add_argument("--strategies", type=csv_list, default=None,
-                   help="comma-separated (default tsal,random,least_margin,mean_entropy,lci,adaptive)")
-    p.add_argument("--initial", type=float, default=None, help="initial labelled share of the pool (0.05)")
-    p.add_argument("--per-round", type=float, default=None, help="oracle queries per round, share of the pool (0.05)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds after the initial set (9)")
-    p.add_argument("--seeds", type=int, default=None, help="experiments per strategy, seeds 0..S-1 (3)")
-    p.add_argument("--mode", choices=["embeddings", "finetune"], default=None,
-                   help="embeddings: head on frozen embeddings (default); finetune: MSML retrained each round")
-    p.add_argument("--labels", type=csv_list, default=None, help="finding columns (default: all)")
-    p.add_argument("--noise", type=float, default=None, help="annotator error: per-label flip rate (0)")
-    p.add_argument("--cost-unit", choices=["frame", "video"], default=None, help="what one label costs (frame)")
-    p.add_argument("--query-unit", choices=["frame", "video"], default=None,
-                   help="frame: single frames, one per video a round (default); video: whole videos at "
-                   "one video's cost (needs --cost-unit video)")
-    p.add_argument("--confidence", type=float, default=None, help="TSAL machine-label confidence threshold (0.9)")
-    p.add_argument("--max-machine-per-round", default=None, metavar="N|budget|none",
-                   help="new machine labels a round at most (budget: as many as the round's human queries)")
-    p.add_argument("--audit", type=float, default=None, help="share of machine labels the oracle audits (0.1)")
-    p.add_argument("--audit-cost", type=float, default=None, help="cost of one audit (0.5)")
-    p.add_argument("--correlation-weight", type=float, default=None, help="MLM label-correlation weight (0.5)")
-    p.add_argument("--machine-weight", type=float, default=None, help="training weight of machine labels (0.5)")
-    p.add_argument("--test-fraction", type=float, default=None, help="held-out share of patients (0.25)")
-    p.add_argument("--embedding-dims", type=int, default=None,
-                   help="project embeddings on their top K principal components (default: no projection)")
+    from ultrasound.active.sim_config import MODES, SimulationConfig
+
+    add_settings_flags(p.add_argument_group("simulation settings"), SimulationConfig, CONFIG_FLAGS,
+                       choices={"mode": list(MODES), "cost_unit": ["frame", "video"], "query_unit": ["frame", "video"]},
+                       metavars={"max_machine_per_round": "N|budget|none", "strategies": "KIND,...",
+                                 "labels": "COL,..."})
     add_embedding_args(p, cache_default="<out>/cache")
     run = p.add_argument_group("execution")
     run.add_argument("--cpus-per-task", type=float, default=1.0,
@@ -107,7 +84,7 @@ def config_from_args(args: argparse.Namespace, storage) -> Any:
 
     try:
         values = layered(args.config, getattr(args, "set_items", None),
-                         {key: getattr(args, flag, None) for flag, key in CONFIG_FLAGS.items()},
+                         settings_from_flags(args, CONFIG_FLAGS),
                          storage=storage, what="simulation settings")
     except ConfigError as err:
         raise UserError(str(err)) from err

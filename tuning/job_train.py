@@ -17,7 +17,6 @@ Best configs are the flat YAML mappings ``sonoray pretrain --config`` (USCLConfi
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -114,7 +113,7 @@ class PretrainJob(TrainJob):
     def config_keys(self) -> list[str]:
         from ultrasound.uscl import USCLConfig
 
-        return [f.name for f in dataclasses.fields(USCLConfig) if f.name != "num_classes"]
+        return [name for name in USCLConfig.valid_keys() if name != "num_classes"]
 
     def parameters(self) -> dict[str, str]:
         return {**self.scale_keys, **self.run_keys,
@@ -303,7 +302,7 @@ class MSMLJob(TrainJob):
     def config_keys(self) -> list[str]:
         from ultrasound.msml import MSMLConfig
 
-        return [f.name for f in dataclasses.fields(MSMLConfig)]
+        return MSMLConfig.valid_keys()
 
     def parameters(self) -> dict[str, str]:
         return {**self.scale_keys, **self.run_keys,

@@ -1,69 +1,88 @@
-"""Typed settings from YAML and the command line: one conversion rule for every config class.
+"""Typed settings from YAML and the command line: one base model for every job's config.
 
-YAML reads ``3e-4`` as text and a command line gives strings, so a frozen dataclass config
-converts each value to its field's declared type (``int``, ``float``, ``bool``) before it
-validates: ``"3e-4"`` -> ``0.0003``, ``"5"`` or ``5.0`` -> ``5``, ``"false"`` -> ``False``.
-A value that does not convert fails naming the key and the value.
+USCL's, MSML's and the simulator's configs are pydantic v2 models (:class:`Settings`): frozen,
+unknown keys refused (``extra="forbid"``) with a "did you mean" hint and the valid keys, and
+each value converted to its field's type the way a YAML file or a command line needs (YAML reads
+``3e-4`` as text, ``--set`` gives strings): ``"3e-4"`` -> ``0.0003``, ``"5"`` or ``5.0`` -> ``5``,
+``"false"`` -> ``False``. A value that does not convert, or a setting a model refuses, fails in
+one line naming the key and the value (pydantic's multi-line report is never shown). A field's
+``description`` is its help text, and its default is what the command line says it falls back to.
 
 Example:
-    >>> from dataclasses import dataclass
-    >>> @dataclass(frozen=True)
-    ... class Demo:
+    >>> class Demo(Settings):
+    ...     what = "demo"
     ...     lr: float = 1e-3
     ...     epochs: int = 1
-    >>> coerce_fields(Demo, {"lr": "3e-4", "epochs": 5.0}, "demo")
+    >>> Demo.parse({"lr": "3e-4", "epochs": 5.0}).to_dict()
     {'lr': 0.0003, 'epochs': 5}
+    >>> Demo.parse({"epochs": "two"})
+    Traceback (most recent call last):
+    ValueError: demo config key 'epochs' needs an int, got 'two'
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-_KINDS = {"int": int, "float": float, "bool": bool}
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-
-def coerce_value(name: str, annotation: Any, value: Any, what: str) -> Any:
-    """``value`` converted to the field type ``annotation`` (as a class or, with postponed
-    annotations, its name; ``int | None`` converts like ``int`` and lets None pass, ``int | str``
-    keeps a word that is not a number); other types pass unchanged."""
-    names = [part.strip() for part in str(getattr(annotation, "__name__", annotation)).split("|")]
-    if value is None and "None" in names:
-        return None
-    kind = next((_KINDS[n] for n in names if n in _KINDS), None)
-    try:
-        if kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if isinstance(value, (bool, int)) and value in (0, 1):
-                return bool(value)
-            raise ValueError
-        if kind is int:
-            number = float(value)
-            if number != int(number) or isinstance(value, bool):
-                raise ValueError
-            return int(number)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-    except (TypeError, ValueError):
-        if "str" in names:  # ``int | str``: a word is a valid value of its own
-            return value
-        article = "an" if kind.__name__[0] in "aeiou" else "a"
-        raise ValueError(f"{what} config key {name!r} needs {article} {kind.__name__}, got {value!r}") from None
-    return value
+_KINDS = {"int": "an int", "float": "a float", "bool": "a bool", "string": "a str"}
 
 
-def coerce_fields(cls: type, values: Mapping[str, Any], what: str) -> dict[str, Any]:
-    """The keyword arguments for dataclass ``cls`` from ``values``: unknown keys rejected naming
-    the valid ones, every known one converted to its field's type."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+class Settings(BaseModel):
+    """Base of the typed configs: build with :meth:`parse` (or keywords), change with
+    :meth:`replace` (validated again), write with :meth:`to_dict`. ``what`` names the config in
+    error messages ("USCL", "MSML", "simulation")."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    what: ClassVar[str] = "settings"
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise ValueError(one_line(err, type(self))) from None
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any], base: "Settings | None" = None):
+        """``base`` (default: the defaults) with ``values`` applied and validated."""
+        return cls(**{**(base.to_dict() if base is not None else {}), **dict(values)})
+
+    def replace(self, **changes: Any):
+        """A copy with ``changes``, validated like a new config (pydantic's ``model_copy`` is not)."""
+        return type(self).parse(changes, base=self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (tuples as lists): what YAML, JSON and checkpoints hold."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_dump().items()}
+
+    @classmethod
+    def valid_keys(cls) -> list[str]:
+        return list(cls.model_fields)
+
+    @classmethod
+    def default_of(cls, name: str) -> Any:
+        return cls.model_fields[name].default
+
+
+def one_line(err: ValidationError, cls: type[Settings]) -> str:
+    """The first problem of a pydantic report as one line: unknown keys (all of them, with a
+    "did you mean" hint and the valid keys), else the key, what it needs and the value given."""
+    what = cls.what
+    errors = err.errors(include_url=False)
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
     if unknown:
-        raise ValueError(f"unknown {what} config key(s) {unknown}{did_you_mean(unknown, fields)}; "
-                         f"valid keys: {sorted(fields)}")
-    return {name: coerce_value(name, fields[name].type, value, what) for name, value in values.items()}
+        return (f"unknown {what} config key(s) {unknown}{did_you_mean(unknown, cls.model_fields)}; "
+                f"valid keys: {sorted(cls.model_fields)}")
+    first = errors[0]
+    key = first["loc"][0] if first["loc"] else None
+    message = first["msg"].removeprefix("Value error, ")
+    if key is None:  # a check across fields (a model validator): its own message
+        return message
+    kind = next((text for prefix, text in _KINDS.items() if first["type"].startswith(prefix)), None)
+    if kind:  # int_parsing, int_from_float, float_parsing, bool_parsing, string_type, ...
+        return f"{what} config key {key!r} needs {kind}, got {first['input']!r}"
+    return f"{what} config key {key!r}: {message[:1].lower() + message[1:]}, got {first['input']!r}"
 
 
 def did_you_mean(unknown: list[str], valid) -> str:

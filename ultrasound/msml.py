@@ -20,16 +20,16 @@ step on a uint8 batch), :func:`msml_predict` (probabilities).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from ultrasound.config import coerce_fields
+from ultrasound.config import Settings
 from ultrasound.backbone import FEATURE_DIM, ResNet18Backbone
 from ultrasound.augment import normalize_frames, resize_square, to_float_chw
 from ultrasound.losses.multilabel import AsymmetricLoss, WeightedBCE
@@ -39,9 +39,9 @@ LOSSES = ("bce", "asymmetric")
 POS_WEIGHT_MODES = ("auto", "none")
 
 
-@dataclass(frozen=True)
-class MSMLConfig:
-    """Everything that defines one MSML training run.
+class MSMLConfig(Settings):
+    """Everything that defines one MSML training run; each field's description is its
+    command-line help.
 
     Attributes:
         findings: the finding (symptom) names, one output per name, in output order.
@@ -58,25 +58,33 @@ class MSMLConfig:
         max_pos_weight: clip for the automatic positive weights (and 1/max as the floor).
     """
 
-    findings: tuple[str, ...]
-    image_size: int = 224
-    channels: int = 3
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    epochs: int = 30
-    batch_size: int = 32
-    loss: str = "bce"
-    pos_weight: str = "auto"
-    seed: int = 0
-    dropout: float = 0.2
-    attention_lambda: float = 0.2
-    attention_temperature: float = 1.0
-    max_pos_weight: float = 50.0
+    what: ClassVar[str] = "MSML"
 
-    def __post_init__(self) -> None:
-        findings = tuple(self.findings)
-        object.__setattr__(self, "findings", findings)
-        if not findings or not all(isinstance(f, str) and f for f in findings):
+    findings: tuple[str, ...] = Field(description="finding columns, one output each, in output order")
+    image_size: int = Field(224, description="square frame side in pixels")
+    channels: int = Field(3, description="1 = grayscale, 3 = RGB")
+    lr: float = Field(1e-4, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, description="AdamW weight decay")
+    epochs: int = Field(30, description="training epochs")
+    batch_size: int = Field(32, description="frames per step over all workers")
+    loss: str = Field("bce", description="bce (positive-weighted) or asymmetric")
+    pos_weight: str = Field("auto", description="auto (#neg/#pos per finding, clipped) or none")
+    seed: int = Field(0, description="seed of initialisation, shuffling and augmentation")
+    dropout: float = Field(0.2, description="dropout before the per-symptom classifiers")
+    attention_lambda: float = Field(0.2, description="weight of the attention-pooled score")
+    attention_temperature: float = Field(1.0, description="softmax temperature of the spatial attention")
+    max_pos_weight: float = Field(50.0, description="clip of the automatic positive weights")
+
+    @field_validator("findings", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        """``"a,b"`` (a command line's list) -> ``("a", "b")``."""
+        return tuple(f.strip() for f in value.split(",") if f.strip()) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> "MSMLConfig":
+        findings = self.findings
+        if not findings or not all(f for f in findings):
             raise ValueError(f"findings must be a non-empty sequence of names, got {findings!r}")
         if len(set(findings)) != len(findings):
             raise ValueError(f"findings must be unique, got {findings!r}")
@@ -101,6 +109,7 @@ class MSMLConfig:
             )
         if self.max_pos_weight < 1:
             raise ValueError(f"max_pos_weight must be >= 1, got {self.max_pos_weight}")
+        return self
 
     @property
     def num_findings(self) -> int:
@@ -110,19 +119,10 @@ class MSMLConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> "MSMLConfig":
         """Build from a YAML/CLI mapping; unknown keys are rejected, naming the valid ones, and
         numbers written as text (YAML reads ``3e-4`` as a string) are converted."""
-        kwargs = coerce_fields(cls, values, "MSML")
-        if "findings" not in kwargs:
+        unknown = sorted(set(values) - set(cls.model_fields))
+        if "findings" not in values and not unknown:
             raise ValueError("MSML config needs 'findings' (the finding names)")
-        findings = kwargs["findings"]
-        if isinstance(findings, str):
-            findings = [f.strip() for f in findings.split(",") if f.strip()]
-        kwargs["findings"] = tuple(findings)
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["findings"] = list(self.findings)
-        return out
+        return cls.parse(values)
 
 
 class SymptomAttentionHead(nn.Module):

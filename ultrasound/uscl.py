@@ -16,53 +16,55 @@ Nothing here knows about workers: the model may be wrapped by DistributedDataPar
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from torch import nn
 
 from ultrasound.augment import Augment, USCLAugment
 from ultrasound.backbone import FEATURE_DIM, ResNet18Backbone
-from ultrasound.config import coerce_fields, coerce_value
+from ultrasound.config import Settings
 from ultrasound.losses import NTXentLoss, SemiSupervisedCE
 from ultrasound.pairs import PAIR_MODES, make_pair_batch
 
 PROJECTION_DIM = 256
 
 
-@dataclasses.dataclass(frozen=True)
-class USCLConfig:
+class USCLConfig(Settings):
     """USCL hyperparameters (defaults: the authors' code).
 
     ``batch_videos`` is the global batch (videos per optimisation step over all workers; the
     negatives of NT-Xent come from all of them). ``num_classes = 0`` means no class labels are
     known: the classifier and the cross-entropy term are then off whatever ``semi_supervised``
     says (see :attr:`uses_labels`). ``frames_per_video`` is what the data pipeline samples per
-    video (SPG mixes 3).
+    video (SPG mixes 3). Each field's description is its command-line help.
     """
 
-    epochs: int = 300
-    batch_videos: int = 32
-    image_size: int = 224
-    channels: int = 3
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 10
-    temperature: float = 0.5
-    mixup_alpha: float = 0.5
-    ce_weight: float = 0.2
-    pairs: str = "uscl"
-    semi_supervised: bool = True
-    aug_strength: float = 1.0
-    frames_per_video: int = 3
-    seed: int = 0
-    num_classes: int = 0
+    what: ClassVar[str] = "USCL"
 
-    def __post_init__(self) -> None:
+    epochs: int = Field(300, description="training epochs")
+    batch_videos: int = Field(32, description="videos per step over all workers (the NT-Xent batch)")
+    image_size: int = Field(224, description="square frame side in pixels")
+    channels: int = Field(3, description="1 = grayscale, 3 = RGB")
+    lr: float = Field(3e-4, description="Adam learning rate (cosine schedule after the warm-up)")
+    weight_decay: float = Field(1e-4, description="Adam weight decay")
+    warmup_epochs: int = Field(10, description="epochs at the full learning rate before the cosine decay")
+    temperature: float = Field(0.5, description="NT-Xent temperature")
+    mixup_alpha: float = Field(0.5, description="Beta(alpha, alpha) of sample pair generation's mixup")
+    ce_weight: float = Field(0.2, description="weight of the semi-supervised cross-entropy")
+    pairs: str = Field("uscl", description="positive pairs: uscl, frames or image")
+    semi_supervised: bool = Field(True, description="train the cross-entropy on the labelled videos")
+    aug_strength: float = Field(1.0, description="strength of the view augmentation, 0 to 2.5")
+    frames_per_video: int = Field(3, description="frames the stream samples per video per epoch")
+    seed: int = Field(0, description="seed of initialisation, order and augmentation")
+    num_classes: int = Field(0, description="classes of the cross-entropy (set from the manifest)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "USCLConfig":
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_videos >= 1, "batch_videos must be >= 1"),
@@ -81,7 +83,8 @@ class USCLConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"USCLConfig: {message}, got {self}")
+                raise ValueError(f"USCLConfig: {message}, got {self!r}")
+        return self
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "USCLConfig":
@@ -90,17 +93,16 @@ class USCLConfig:
         switch of earlier runs reads as ``pairs`` (true: ``"uscl"``, false: ``"frames"``)."""
         if "mixup" in values:
             values = dict(values)
-            mixup = coerce_value("mixup", "bool", values.pop("mixup"), "USCL")
+            try:
+                mixup = TypeAdapter(bool).validate_python(values.pop("mixup"))
+            except ValidationError:
+                raise ValueError("USCL config key 'mixup' needs a bool") from None
             values.setdefault("pairs", "uscl" if mixup else "frames")
-        kwargs = coerce_fields(cls, values, "USCL")
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return cls.parse(values)
 
     def plain_simclr(self) -> "USCLConfig":
         """The authors' SimCLR baseline: two augmentations of one frame, no cross-entropy."""
-        return dataclasses.replace(self, pairs="image", semi_supervised=False)
+        return self.replace(pairs="image", semi_supervised=False)
 
     @property
     def uses_labels(self) -> bool:

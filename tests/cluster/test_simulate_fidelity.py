@@ -142,7 +142,7 @@ def test_an_extended_run_resumes_to_the_rounds_of_an_uninterrupted_one(tmp_path)
     config = SimulationConfig(strategies=("tsal", "self_training"), seeds=1, rounds=5, initial=0.1,
                               per_round=0.08, confidence=0.75, audit=0.2)
     data = table()
-    short = dataclasses.replace(config, rounds=2)
+    short = config.replace(rounds=2)
     simulate_table(data, short, str(tmp_path / "resumed"), Storage(), executor="serial", report=False)
     resumed = simulate_table(data, config, str(tmp_path / "resumed"), Storage(), executor="serial")
     fresh = simulate_table(data, config, str(tmp_path / "fresh"), Storage(), executor="serial")

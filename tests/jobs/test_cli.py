@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -110,16 +111,21 @@ def test_frame_format_and_sampling_flags_are_one_declaration(name):
                                            "--image-size": "image_size", "--channels": "channels"}),
     ("pretrain", "ultrasound.uscl:USCLConfig", {"--epochs": "epochs", "--batch-videos": "batch_videos",
                                                "--image-size": "image_size", "--pairs": "pairs"}),
+    ("simulate", "ultrasound.active.sim_config:SimulationConfig",
+     {"--seeds": "seeds", "--per-round": "per_round", "--rounds": "rounds", "--audit": "audit",
+      "--max-machine-per-round": "max_machine_per_round"}),
 ])
 def test_help_defaults_come_from_the_config_fields(name, config_path, flags):
-    import dataclasses
+    """The flags that override a config are declared from its fields: the default in the help
+    is the field's, and an unset flag is None, so the config file's value stands."""
     import importlib
 
     module, cls = config_path.split(":")
-    defaults = {f.name: f.default for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    model = getattr(importlib.import_module(module), cls)
+    defaults = {name: model.default_of(name) for name in model.valid_keys()}
     parser = _job_parser(name)
     for option, field in flags.items():
         value = defaults[field]
         shown = f"{value:g}" if isinstance(value, float) else str(value)
-        assert f"default: the config's, else {shown})" in _flag(parser, option).help, option
+        assert re.search(rf"default: (the config's, else )?{re.escape(shown)}\)", _flag(parser, option).help), option
         assert _flag(parser, option).default is None  # unset flags leave the config's value

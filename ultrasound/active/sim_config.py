@@ -12,13 +12,14 @@ No Ray and no storage here: ``cluster/simulate.py`` runs what this module descri
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
+
+from pydantic import Field, field_validator, model_validator
 
 from ultrasound.active.confidence import ConfidenceConfig
 from ultrasound.active.strategies import STRATEGIES, Strategy, make_strategy
-from ultrasound.config import coerce_fields
+from ultrasound.config import Settings
 
 # bumped when a change of the experiment logic changes results: old folders never resume into new runs
 SIMULATOR_VERSION = 3
@@ -70,11 +71,11 @@ def register_kind(kind: ExperimentKind) -> ExperimentKind:
     """Add an experiment kind; its strategy must exist and its parameters must be the strategy's."""
     if kind.strategy not in STRATEGIES:
         raise ValueError(f"kind {kind.name!r}: unknown strategy {kind.strategy!r}; valid: {sorted(STRATEGIES)}")
-    fields = {f.name for f in dataclasses.fields(SimulationConfig)}
+    fields = set(SimulationConfig.model_fields)
     unknown = sorted(set(kind.config_params.values()) - fields)
     if unknown:
         raise ValueError(f"kind {kind.name!r}: config_params name unknown settings {unknown}")
-    make_strategy(kind.strategy, **{p: getattr(SimulationConfig, f) for p, f in kind.config_params.items()},
+    make_strategy(kind.strategy, **{p: SimulationConfig.default_of(f) for p, f in kind.config_params.items()},
                   **kind.params)  # validates the parameter names and values
     KINDS[kind.name] = kind
     return kind
@@ -90,7 +91,7 @@ def register_strategy(cls: type, *, machine_stream: bool = False, **params: Any)
         >>> from ultrasound.active.strategies import LeastMargin
         >>> @dataclass(frozen=True)
         ... class Greedy(LeastMargin):
-        ...     name: str = dataclasses.field(default="greedy_margin", init=False)
+        ...     name: str = field(default="greedy_margin", init=False)
         >>> register_strategy(Greedy).name
         'greedy_margin'
     """
@@ -103,8 +104,7 @@ def register_strategy(cls: type, *, machine_stream: bool = False, **params: Any)
     return register_kind(ExperimentKind(name, name, machine_stream, params=dict(params), cls=cls))
 
 
-@dataclass(frozen=True)
-class SimulationConfig:
+class SimulationConfig(Settings):
     """Everything a simulation run decides; YAML keys are these field names.
 
     Attributes:
@@ -147,42 +147,65 @@ class SimulationConfig:
         finetune_epochs, finetune_batch_size, finetune_lr: the finetune-mode MSML training.
     """
 
-    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
-    seeds: int = 3
-    initial: float = 0.05
-    per_round: float = 0.05
-    rounds: int = 9
-    mode: str = "embeddings"
-    labels: tuple[str, ...] | None = None
-    test_fraction: float = 0.25
-    noise: float = 0.0
-    cost_unit: str = "frame"
-    query_unit: str = "frame"
-    confidence: float = 0.9
-    rule_confidence: float = 0.9
-    min_dependence: float = 0.2
-    max_machine_per_round: int | str | None = "budget"
-    audit: float = 0.1
-    audit_cost: float = 0.5
-    audit_gate: float | None = None
-    machine_weight: float = 0.5
-    correlation_weight: float = 0.5
-    smallest: int = 2
-    adaptive_beta: float = 0.5
-    embedding_dims: int | None = None
-    head_l2: float = 3e-3
-    head_pos_weight: str = "auto"
-    head_max_iter: int = 2000
-    head_tol: float = 1e-5
-    finetune_epochs: int = 3
-    finetune_batch_size: int = 32
-    finetune_lr: float = 1e-4
+    what: ClassVar[str] = "simulation"
 
-    def __post_init__(self) -> None:
-        strategies = tuple(self.strategies)
-        object.__setattr__(self, "strategies", strategies)
-        if self.labels is not None:
-            object.__setattr__(self, "labels", tuple(self.labels))
+    strategies: tuple[str, ...] = Field(DEFAULT_STRATEGIES, description="experiment kinds, comma-separated")
+    seeds: int = Field(3, description="experiments per strategy, seeds 0..S-1")
+    initial: float = Field(0.05, description="initial labelled share of the pool")
+    per_round: float = Field(0.05, description="oracle queries per round, share of the pool")
+    rounds: int = Field(9, description="rounds after the initial set")
+    mode: str = Field("embeddings", description="embeddings: head on frozen embeddings; finetune: MSML retrained each round")
+    labels: tuple[str, ...] | None = Field(None, description="finding columns, comma-separated (default: all)")
+    test_fraction: float = Field(0.25, description="held-out share of patients")
+    noise: float = Field(0.0, description="annotator error: per-label flip rate")
+    cost_unit: str = Field("frame", description="what one label costs: frame or video")
+    query_unit: str = Field("frame", description="frame: single frames, one per video a round; video: whole "
+                                                 "videos at one video's cost (needs cost_unit video)")
+    confidence: float = Field(0.9, description="TSAL machine-label confidence threshold")
+    rule_confidence: float = Field(0.9, description="confidence of a co-occurrence rule of the validation")
+    min_dependence: float = Field(0.2, description="dependence a co-occurrence rule needs")
+    max_machine_per_round: int | str | None = Field(
+        "budget", description="new machine labels a round at most: N, budget (as many as the round's human "
+                              "queries) or none")
+    audit: float = Field(0.1, description="share of machine labels the oracle audits")
+    audit_cost: float = Field(0.5, description="cost of one audit (1 = labelling a frame)")
+    audit_gate: float | None = Field(None, description="drop a round's unaudited machine labels above this audited error rate")
+    machine_weight: float = Field(0.5, description="training weight of machine labels")
+    correlation_weight: float = Field(0.5, description="MLM label-correlation weight")
+    smallest: int = Field(2, description="margins MLM averages")
+    adaptive_beta: float = Field(0.5, description="Adaptive's max-margin vs cardinality trade-off")
+    embedding_dims: int | None = Field(None, description="project embeddings on their top principal components first")
+    head_l2: float = Field(3e-3, description="L2 penalty of the embeddings-mode head")
+    head_pos_weight: str = Field("auto", description="positive weights of the head: auto or none")
+    head_max_iter: int = Field(2000, description="iteration cap of the head's solve")
+    head_tol: float = Field(1e-5, description="gradient tolerance of the head's solve")
+    finetune_epochs: int = Field(3, description="finetune-mode MSML epochs per round")
+    finetune_batch_size: int = Field(32, description="finetune-mode MSML batch")
+    finetune_lr: float = Field(1e-4, description="finetune-mode MSML learning rate")
+
+    @field_validator("strategies", "labels", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        """``"a,b"`` (a command line's list) -> ``("a", "b")``."""
+        return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+    @field_validator("max_machine_per_round", mode="before")
+    @classmethod
+    def _cap(cls, value: Any) -> Any:
+        """``"none"`` / ``"null"`` / ``""`` -> None, ``"12"`` -> 12; a switch is not a number."""
+        if isinstance(value, bool):
+            raise ValueError("needs 'budget', a number >= 0 or none")
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("none", "null", ""):
+                return None
+            if text.lstrip("+-").isdigit():
+                return int(text)
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "SimulationConfig":
+        strategies = self.strategies
         bad = [s for s in strategies if s not in KINDS]
         if not strategies or bad or len(set(strategies)) != len(strategies):
             raise ValueError(f"strategies must be distinct names from {list(KINDS)}, got {list(strategies)}")
@@ -221,30 +244,14 @@ class SimulationConfig:
         self.confidence_config()  # validates the threshold and rule settings
         for name in strategies:
             self.strategy(name)  # validates the strategy parameters
-
-    @classmethod
-    def valid_keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return self
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], base: "SimulationConfig | None" = None) -> "SimulationConfig":
         """``base`` (default: the defaults) with ``values`` applied; unknown keys are rejected,
         naming the valid ones; numbers written as text are converted. Lists may be given as
         comma-separated strings."""
-        kwargs = coerce_fields(cls, values, "simulation")  # YAML's "3e-4" is text: converted
-        cap = kwargs.get("max_machine_per_round")
-        if isinstance(cap, str) and cap.strip().lower() in ("none", "null", ""):
-            kwargs["max_machine_per_round"] = None
-        for key in ("strategies", "labels"):
-            if isinstance(kwargs.get(key), str):
-                kwargs[key] = tuple(v.strip() for v in kwargs[key].split(",") if v.strip())
-        return dataclasses.replace(base or cls(), **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["strategies"] = list(self.strategies)
-        out["labels"] = list(self.labels) if self.labels is not None else None
-        return out
+        return cls.parse(values, base)
 
     def confidence_config(self, budget_per_round: int = 1) -> ConfidenceConfig:
         """The machine stream's settings; ``"budget"`` caps it at ``budget_per_round``."""
