@@ -212,10 +212,10 @@ def connect_ray(args: argparse.Namespace) -> str:
 
 
 def csv_list(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    items = [item.strip() for item in text.split(",")]
-    return [item for item in items if item]
+    """``"a, b,"`` -> ``["a", "b"]`` (the config models' rule, :func:`ultrasound.config.split_names`)."""
+    from ultrasound.config import split_names
+
+    return None if text is None else list(split_names(text))
 
 
 def add_config_args(parser: argparse.ArgumentParser, what: str) -> None:

@@ -86,6 +86,20 @@ class TrainJob(JobAdapter):
         # the workers, and one CPU the frame stream keeps
         return TrialResources(cpu=scale.workers * per_worker + 1.0, gpu=float(scale.workers) if scale.gpu else 0.0)
 
+    def command_hint(self, config: Mapping[str, Any]) -> str:
+        """The command that trains the best config: ``sonoray <job> --data ... [--workers N]
+        [--gpu] [the job's switches] --config best_config.yaml --out URI``."""
+        flags = [f"--data {config['data']}"]
+        if config.get("workers", 1) != 1:
+            flags.append(f"--workers {config['workers']}")
+        if config.get("gpu"):
+            flags.append("--gpu")
+        flags += [f"--{switch}" for switch in self.hint_switches if config.get(switch)]
+        return f"sonoray {self.cli_command} {' '.join(flags)} --config best_config.yaml --out URI"
+
+    cli_command: str = ""  # the sonoray command that trains a best config
+    hint_switches: tuple[str, ...] = ()  # boolean job flags a best config carries (pretrain's unlabelled)
+
     def prepare(self, fixed: Mapping[str, Any], work_uri: str, storage) -> dict[str, Any]:
         from cluster.storage import parse_uri
 
@@ -169,15 +183,8 @@ class PretrainJob(TrainJob):
         switched = ("pairs", "semi_supervised") if config.get("simclr") else ()
         return {k: values[k] for k in self.config_keys() if k in config or k in switched}
 
-    def command_hint(self, config: Mapping[str, Any]) -> str:
-        flags = [f"--data {config['data']}"]
-        if config.get("workers", 1) != 1:
-            flags.append(f"--workers {config['workers']}")
-        if config.get("gpu"):
-            flags.append("--gpu")
-        if config.get("unlabelled"):
-            flags.append("--unlabelled")
-        return f"sonoray pretrain {' '.join(flags)} --config best_config.yaml --out URI"
+    cli_command = "pretrain"  # also for evaluate-after-pretrain: its best config is a pretraining's
+    hint_switches = ("unlabelled",)
 
     def load_job_config(self, path: str):
         """What ``sonoray pretrain --config path`` starts from (the one config loader)."""
@@ -284,6 +291,7 @@ class MSMLJob(TrainJob):
     the job's validation split."""
 
     name = "msml"
+    cli_command = "msml"
     metrics = {
         "val_map": MetricInfo("max", "validation mAP of the epoch"),
         "val_macro_f1": MetricInfo("max", "validation macro-F1 of the epoch"),
@@ -362,13 +370,6 @@ class MSMLJob(TrainJob):
         settings = self.settings(values).to_dict()
         return {k: settings[k] for k in self.config_keys() if k in config or k == "findings"}
 
-    def command_hint(self, config: Mapping[str, Any]) -> str:
-        flags = [f"--data {config['data']}"]
-        if config.get("workers", 1) != 1:
-            flags.append(f"--workers {config['workers']}")
-        if config.get("gpu"):
-            flags.append("--gpu")
-        return f"sonoray msml {' '.join(flags)} --config best_config.yaml --out URI"
 
     def load_job_config(self, path: str):
         """What ``sonoray msml --config path`` reads (its findings checked against the data set

@@ -22,11 +22,20 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 _KINDS = {"int": "an int", "float": "a float", "bool": "a bool", "string": "a str"}
+
+
+def split_names(value: Any) -> Any:
+    """``"a, b"`` (a command line's or a ``--set`` list) -> ``("a", "b")``; other values pass."""
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+
+#: a list of names, also written as one comma-separated string
+Names = Annotated[tuple[str, ...], BeforeValidator(split_names)]
 
 
 class Settings(BaseModel):

@@ -25,11 +25,11 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from ultrasound.config import Settings
+from ultrasound.config import Names, Settings
 from ultrasound.backbone import FEATURE_DIM, ResNet18Backbone
 from ultrasound.augment import normalize_frames, resize_square, to_float_chw
 from ultrasound.losses.multilabel import AsymmetricLoss, WeightedBCE
@@ -60,7 +60,7 @@ class MSMLConfig(Settings):
 
     what: ClassVar[str] = "MSML"
 
-    findings: tuple[str, ...] = Field(description="finding columns, one output each, in output order")
+    findings: Names = Field(description="finding columns, one output each, in output order")
     image_size: int = Field(224, description="square frame side in pixels")
     channels: int = Field(3, description="1 = grayscale, 3 = RGB")
     lr: float = Field(1e-4, description="AdamW learning rate")
@@ -74,12 +74,6 @@ class MSMLConfig(Settings):
     attention_lambda: float = Field(0.2, description="weight of the attention-pooled score")
     attention_temperature: float = Field(1.0, description="softmax temperature of the spatial attention")
     max_pos_weight: float = Field(50.0, description="clip of the automatic positive weights")
-
-    @field_validator("findings", mode="before")
-    @classmethod
-    def _names(cls, value: Any) -> Any:
-        """``"a,b"`` (a command line's list) -> ``("a", "b")``."""
-        return tuple(f.strip() for f in value.split(",") if f.strip()) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> "MSMLConfig":

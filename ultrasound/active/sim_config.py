@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ultrasound.active.confidence import ConfidenceConfig
 from ultrasound.active.strategies import STRATEGIES, Strategy, make_strategy
-from ultrasound.config import Settings
+from ultrasound.config import Names, Settings
 
 # bumped when a change of the experiment logic changes results: old folders never resume into new runs
 SIMULATOR_VERSION = 3
@@ -149,13 +149,13 @@ class SimulationConfig(Settings):
 
     what: ClassVar[str] = "simulation"
 
-    strategies: tuple[str, ...] = Field(DEFAULT_STRATEGIES, description="experiment kinds, comma-separated")
+    strategies: Names = Field(DEFAULT_STRATEGIES, description="experiment kinds, comma-separated")
     seeds: int = Field(3, description="experiments per strategy, seeds 0..S-1")
     initial: float = Field(0.05, description="initial labelled share of the pool")
     per_round: float = Field(0.05, description="oracle queries per round, share of the pool")
     rounds: int = Field(9, description="rounds after the initial set")
     mode: str = Field("embeddings", description="embeddings: head on frozen embeddings; finetune: MSML retrained each round")
-    labels: tuple[str, ...] | None = Field(None, description="finding columns, comma-separated (default: all)")
+    labels: Names | None = Field(None, description="finding columns, comma-separated (default: all)")
     test_fraction: float = Field(0.25, description="held-out share of patients")
     noise: float = Field(0.0, description="annotator error: per-label flip rate")
     cost_unit: str = Field("frame", description="what one label costs: frame or video")
@@ -182,12 +182,6 @@ class SimulationConfig(Settings):
     finetune_epochs: int = Field(3, description="finetune-mode MSML epochs per round")
     finetune_batch_size: int = Field(32, description="finetune-mode MSML batch")
     finetune_lr: float = Field(1e-4, description="finetune-mode MSML learning rate")
-
-    @field_validator("strategies", "labels", mode="before")
-    @classmethod
-    def _names(cls, value: Any) -> Any:
-        """``"a,b"`` (a command line's list) -> ``("a", "b")``."""
-        return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
 
     @field_validator("max_machine_per_round", mode="before")
     @classmethod
