@@ -411,8 +411,17 @@ def resume_point() -> Resumed:
     state = restore_state()
     if state is None:
         return Resumed()
+    history = [dict(h) for h in state.get("history", [])]
     done = int(state["epoch"])
-    return Resumed(done, [h for h in state["history"] if int(h["epoch"]) <= done], state)
+    if history and min(int(h["epoch"]) for h in history) == 0:
+        # a pretraining checkpoint from before the shared loop: 0-based epochs, "epoch" the index
+        # of the last one finished. Read in today's terms (epochs finished) so it resumes in place
+        # (session_start, the epochs done when a session began, means the same in both).
+        done += 1
+        for entry in history:
+            entry["epoch"] = int(entry["epoch"]) + 1
+        state = {**state, "epoch": done, "history": history}
+    return Resumed(done, [h for h in history if int(h["epoch"]) <= done], state)
 
 
 def _no_extras(epoch: int) -> dict:
@@ -468,8 +477,10 @@ def run_epochs(method: Method, ctx: WorkerContext, config: Mapping, resumed: Res
     Per epoch: ``begin_epoch``, a pass of ``step`` over the seeded batches, the sums of loss,
     weight, steps and images over all ranks (seconds: the slowest rank's), the stream's failure
     check (a stop leaves every earlier checkpoint resumable), rank 0's ``evaluate``, one history
-    entry (``epoch`` finished, ``loss``, ``images``, ``images_per_s``, the extras,
-    ``skipped_videos``, ``seconds``, ``session_start``, ``run_id``), the checkpoint, and a
+    entry (``epoch`` finished, ``loss``, ``images``, ``images_per_s`` = images over
+    ``train_seconds``, the slowest rank's time in the steps, the extras, ``skipped_videos``,
+    ``seconds``, rank 0's whole epoch with the checks and the evaluation, ``session_start``,
+    ``run_id``), the checkpoint, and a
     progress line with the ETA on rank 0. A resumed run that is already finished reports its
     restored state again, so that the result is that state.
     """
@@ -501,8 +512,8 @@ def run_epochs(method: Method, ctx: WorkerContext, config: Mapping, resumed: Res
             stop_run(log, f"{method.job}: {inputs.abort}", ctx.rank)
             return
         metrics = {"epoch": epoch + 1, "loss": loss / weight, "images": int(images),
-                   "images_per_s": images / seconds if seconds > 0 else 0.0, **extras,
-                   "skipped_videos": inputs.skipped}
+                   "images_per_s": images / seconds if seconds > 0 else 0.0, "train_seconds": round(seconds, 3),
+                   **extras, "skipped_videos": inputs.skipped}
         if ctx.rank == 0 and method.evaluate is not None:
             metrics.update(method.evaluate())
         metrics["seconds"] = round(time.perf_counter() - began, 3)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 _KINDS = {"int": "an int", "float": "a float", "bool": "a bool", "string": "a str"}
 
@@ -45,6 +45,23 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     what: ClassVar[str] = "settings"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_not_switches(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number field refuses a switch (pydantic would read ``true`` as 1), and a whole
+        number written as text in float form (``"1e3"``, ``"5.0"``) is read as that int."""
+        kinds = str(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and "bool" not in kinds:
+            raise ValueError("needs a number, not a switch")
+        if isinstance(value, str) and "int" in kinds and "float" not in kinds:
+            try:
+                number = float(value)
+            except ValueError:
+                return value
+            if number.is_integer():
+                return int(number)
+        return value
 
     def __init__(self, **values: Any) -> None:
         try:

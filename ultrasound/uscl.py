@@ -93,10 +93,11 @@ class USCLConfig(Settings):
         switch of earlier runs reads as ``pairs`` (true: ``"uscl"``, false: ``"frames"``)."""
         if "mixup" in values:
             values = dict(values)
+            given = values.pop("mixup")
             try:
-                mixup = TypeAdapter(bool).validate_python(values.pop("mixup"))
+                mixup = TypeAdapter(bool).validate_python(given)
             except ValidationError:
-                raise ValueError("USCL config key 'mixup' needs a bool") from None
+                raise ValueError(f"USCL config key 'mixup' needs a bool, got {given!r}") from None
             values.setdefault("pairs", "uscl" if mixup else "frames")
         return cls.parse(values)
 

@@ -120,3 +120,19 @@ def test_rank_zero_evaluates_after_each_epoch(reports):
     reports.clear()
     run_epochs(mean_method(1, [0.0], evaluate=lambda: {"val_gap": 0.0}), other, {}, Resumed())
     assert "val_gap" not in reports[0][0]
+
+
+def test_a_pretraining_checkpoint_with_zero_based_epochs_resumes_in_place(monkeypatch, reports):
+    """Pretraining counted epochs from 0 before the shared loop (``epoch``: the last index
+    finished); such a checkpoint resumes after its last epoch, numbered as today."""
+    old = {"w": 1.0, "epoch": 1, "history": [{"epoch": 0, "loss": 2.0, "session_start": 0},
+                                             {"epoch": 1, "loss": 1.5, "session_start": 0}]}
+    monkeypatch.setattr(train, "restore_state", lambda: old)
+    resumed = train.resume_point()
+    assert resumed.start == 2 and [h["epoch"] for h in resumed.history] == [1, 2]
+    steps = []
+    run_epochs(mean_method(3, [1.0], steps), CTX, {"_run_id": "new"}, resumed)
+    assert {e for e, _ in steps} == {2}  # only the third epoch ran
+    assert [h["epoch"] for h in reports[-1][1]["history"]] == [1, 2, 3]
+    monkeypatch.setattr(train, "restore_state", lambda: {"epoch": 3, "history": reports[-1][1]["history"]})
+    assert train.resume_point().start == 3  # today's checkpoints are read as they are
