@@ -233,45 +233,63 @@ _NOT_SETTABLE = {"help", "config", "set_items", "json", "verbose", "quiet", "ver
 def add_flag_config_args(parser: argparse.ArgumentParser, what: str) -> None:
     """``--config`` / ``--set`` for a job whose settings are its flags (evaluate, predict, query):
     the keys are the flag names (``max_per_video`` or ``max-per-video``). Call it after every
-    other flag of the job is declared; :func:`apply_flag_config` reads them."""
+    other flag of the job is declared: the job's settings model is built from its flags here
+    (:func:`flag_settings_model`) and :func:`apply_flag_config` reads it."""
     add_config_args(parser, what)
-    settable = {a.dest: (a.default, a.type, a.choices, isinstance(a, argparse._StoreTrueAction))
-                for a in parser._actions if a.option_strings and a.dest not in _NOT_SETTABLE and not a.required}
-    parser.set_defaults(_settable=settable, _config_what=what)
+    flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in _NOT_SETTABLE and not a.required}
+    parser.set_defaults(_settings_model=flag_settings_model(flags, what), _settable=flags, _config_what=what)
+
+
+def flag_settings_model(flags: Mapping[str, argparse.Action], what: str) -> type:
+    """The typed settings model (an :class:`ultrasound.config.Settings`, like USCL's, MSML's and
+    the simulator's) of a job whose settings are its flags: one field per flag, typed by the
+    flag's ``type`` (a switch is a bool; a flag without a number type keeps its text), its
+    default the flag's; choices are checked as the flag checks them."""
+    from typing import Any as AnyValue
+
+    from pydantic import create_model, field_validator
+
+    from ultrasound.config import Settings
+
+    fields: dict[str, Any] = {}
+    for dest, action in flags.items():
+        kind = bool if isinstance(action, argparse._StoreTrueAction) else \
+            action.type if action.type in (int, float) else AnyValue
+        fields[dest] = (kind | None if action.default is None and kind is not AnyValue else kind, action.default)
+
+    def check(cls, value, info):
+        action = flags[info.field_name]
+        if callable(action.type) and action.type not in (int, float) and isinstance(value, str):
+            value = action.type(value)  # e.g. a comma-separated list
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise ValueError(f"expected one of {list(action.choices)}")
+        return value
+
+    validators = {"_flag_rules": field_validator("*", mode="after")(check)}
+    model = create_model(f"{what.title().replace(' ', '')}", __base__=Settings, __validators__=validators, **fields)
+    model.what = what.removesuffix(" settings")  # "evaluation": "evaluation config key 'folds' ..."
+    return model
 
 
 def apply_flag_config(args: argparse.Namespace, storage: Storage | None = None) -> None:
     """Fill ``args`` from ``--config`` then ``--set``, where the flag itself was not given (a
-    flag given on the command line always wins). An unknown key names the valid ones; a value of
-    the wrong type names the key and the value."""
+    flag given on the command line always wins), through the job's settings model: an unknown
+    key names the valid ones, a value of the wrong type names the key and the value."""
     from cluster.job_config import ConfigError, layered
     from jobs.output import UserError
-    from ultrasound.config import did_you_mean
 
-    settable, what = getattr(args, "_settable", {}), getattr(args, "_config_what", "settings")
+    model, flags = getattr(args, "_settings_model", None), getattr(args, "_settable", {})
     try:
-        values = layered(args.config, args.set_items, {}, storage=storage, what=what)
+        values = layered(args.config, args.set_items, {}, storage=storage, what=getattr(args, "_config_what", "settings"))
     except ConfigError as err:
         raise UserError(str(err)) from err
+    if model is None or not values:
+        return
     keys = {str(key).replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(keys) - set(settable))
-    if unknown:
-        raise UserError(f"unknown {what} key(s) {unknown}{did_you_mean(unknown, settable)}; "
-                        f"valid keys: {sorted(settable)}")
-    for dest, value in keys.items():
-        default, convert, choices, is_switch = settable[dest]
-        if getattr(args, dest) != default:
-            continue
-        try:
-            if is_switch:
-                text = str(value).strip().lower()
-                if text not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError("expected true or false")
-                value = text in ("true", "1", "yes")
-            elif convert is not None and value is not None:
-                value = convert(value)  # "3e-4" (what YAML reads 3e-4 as) -> 0.0003
-            if choices is not None and value not in choices:
-                raise ValueError(f"expected one of {list(choices)}")
-        except (TypeError, ValueError) as err:
-            raise UserError(f"{what}: key {dest!r}: value {value!r}: {err}") from None
-        setattr(args, dest, value)
+    try:
+        settings = model.parse(keys)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    for dest in keys:
+        if getattr(args, dest) == flags[dest].default:  # not given on the command line
+            setattr(args, dest, getattr(settings, dest))

@@ -52,7 +52,7 @@ class Settings(BaseModel):
         """A number field refuses a switch (pydantic would read ``true`` as 1), and a whole
         number written as text in float form (``"1e3"``, ``"5.0"``) is read as that int."""
         kinds = str(cls.model_fields[info.field_name].annotation)
-        if isinstance(value, bool) and "bool" not in kinds:
+        if isinstance(value, bool) and "bool" not in kinds and ("int" in kinds or "float" in kinds):
             raise ValueError("needs a number, not a switch")
         if isinstance(value, str) and "int" in kinds and "float" not in kinds:
             try:

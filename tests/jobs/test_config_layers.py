@@ -121,3 +121,24 @@ def test_imports_run_one_way_jobs_tuning_cluster_ultrasound():
                 offenders += [f"{path.relative_to(REPO)}: {name}" for name in names
                               if name.split(".")[0] in LAYERS[:rank]]
     assert offenders == []
+
+
+@pytest.mark.parametrize("job, item, message", [
+    ("predict", "fps=abc", "predict config key 'fps' needs a float, got 'abc'"),
+    ("predict", "gpu=maybe", "predict config key 'gpu' needs a bool, got 'maybe'"),
+    ("query", "seed=2.5", "query config key 'seed' needs an int, got 2.5"),
+    ("evaluate", "mode=bogus", "evaluation config key 'mode': expected one of ['linear', 'finetune'], got 'bogus'"),
+])
+def test_flag_jobs_check_values_through_their_settings_model(job, item, message):
+    """evaluate, predict and query have a typed settings model built from their flags (the
+    same Settings base as pretrain's, msml's and simulate's): a bad value is one line."""
+    with pytest.raises(UserError) as err:
+        JOBS[job][0]("--set", item)
+    assert str(err.value) == message
+
+
+def test_a_switch_and_a_list_set_from_a_file(tmp_path):
+    path = tmp_path / "evaluate.yaml"
+    path.write_text("gpu: true\nfolds: '3'\nmode: finetune\n")
+    args = JOBS["evaluate"][0]("--config", str(path))
+    assert args.gpu is True and args.folds == 3 and args.mode == "finetune"
