@@ -3,7 +3,7 @@
 Groups: frame sampling (``--fps``, ``--max-per-video``), frame format (``--image-size``,
 ``--channels``), scale (``--workers``, ``--gpu``, ``--max-failures``), the frame stream,
 storage, Ray, tracking and ``--json``. A job passes its own defaults; the help text is built
-from them (or from the config class's field defaults, :func:`config_default`), never typed
+from them (or from the config model's field defaults, :func:`add_settings_flags`), never typed
 twice.
 """
 from __future__ import annotations
@@ -46,31 +46,29 @@ def add_stream_args(parser: argparse.ArgumentParser, training: bool = False) -> 
                                  "(default: %(default)g)")
 
 
-def config_default(cls: type, name: str) -> Any:
-    """The default of field ``name`` of the config model ``cls`` (for help texts)."""
-    return cls.default_of(name)
-
-
 def default_help(cls: type, name: str, source: str = "config") -> str:
     """``"default: the config's, else 30"``: the help text of a flag that overrides field
-    ``name`` of config class ``cls``."""
-    return _default_text(config_default(cls, name), source, "none")
+    ``name`` of config model ``cls``."""
+    return _default_text(cls.default_of(name), source, "none")
 
 
 def _default_text(value: Any, source: str | None, none: str) -> str:
-    shown = none if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+    shown = none if value is None else f"{value:g}" if isinstance(value, float) else \
+        ",".join(value) if isinstance(value, tuple) else str(value)
     return f"default: the {source}'s, else {shown}" if source else f"default: {shown}"
 
 
 def _flag_type(annotation: Any):
     """The argparse ``type`` of a config field: tuples are comma-separated lists, a union with
     a word (``int | str | None``) stays text for the model to convert."""
-    text = str(annotation)
-    if "tuple" in text:
+    from ultrasound.config import field_types
+
+    kinds = field_types(annotation)
+    if tuple in kinds:
         return csv_list
-    if "str" in text:
+    if str in kinds:
         return str
-    return int if "int" in text else float if "float" in text else str
+    return int if int in kinds else float if float in kinds else str
 
 
 def add_settings_flags(parser, model: type, names, *, choices: Mapping[str, Any] | None = None,
@@ -82,13 +80,10 @@ def add_settings_flags(parser, model: type, names, *, choices: Mapping[str, Any]
     names = tuple(names)
     for name in names:
         info = model.model_fields[name]
-        default = info.default
-        shown = ",".join(default) if isinstance(default, tuple) else "none" if default is None else (
-            f"{default:g}" if isinstance(default, float) else str(default))
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_flag_type(info.annotation), default=None,
                             choices=(choices or {}).get(name), metavar=(metavars or {}).get(name),
                             help=info.description if "(default" in info.description
-                            else f"{info.description} (default: {shown})")
+                            else f"{info.description} ({_default_text(info.default, None, 'none')})")
     return names
 
 
@@ -112,11 +107,11 @@ def add_sampling_args(parser, *, fps: float | None = None, max_per_video: int | 
 
 
 def add_format_args(parser, *, image_size: int | None = None, channels: int | None = None,
-                    source: str | None = None, native: bool = False) -> None:
+                    source: str | None = None) -> None:
     """``--image-size`` (also ``--size``) and ``--channels``. With ``source`` ("config",
     "checkpoint") the flags default to None, the value then comes from that source, and
-    ``image_size`` / ``channels`` are what the help says it falls back to. ``native``: no size
-    means the video's own."""
+    ``image_size`` / ``channels`` are what the help says it falls back to. No ``image_size``:
+    the video's own size."""
     parser.add_argument("--image-size", "--size", dest="image_size", type=int,
                         default=None if source else image_size, metavar="S",
                         help=f"square frame side in pixels ({_default_text(image_size, source, 'native size')})")

@@ -17,7 +17,6 @@ from jobs.common import (
     add_sampling_args,
     add_scale_args,
     add_settings_flags,
-    config_default,
     connect_ray,
     csv_list,
     storage_from,
@@ -46,8 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from ultrasound.msml import LOSSES, MSMLConfig
 
     add_settings_flags(p, MSMLConfig, ("epochs", "batch_size"))
-    add_format_args(p, image_size=config_default(MSMLConfig, "image_size"),
-                    channels=config_default(MSMLConfig, "channels"), source="config")
+    add_format_args(p, image_size=MSMLConfig.default_of("image_size"), channels=MSMLConfig.default_of("channels"),
+                    source="config")
     add_settings_flags(p, MSMLConfig, ("loss", "lr", "seed"), choices={"loss": list(LOSSES)})
     add_sampling_args(p)
     p.add_argument("--val-max-per-video", type=int, default=32,

@@ -16,7 +16,6 @@ from jobs.common import (
     add_job_args,
     add_scale_args,
     add_settings_flags,
-    config_default,
     default_help,
     connect_ray,
     csv_list,
@@ -46,8 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     add_scale_args(p, gpu_help="one GPU per worker: NCCL and bf16 mixed precision")
     add_settings_flags(p, USCLConfig, ("epochs", "batch_videos"))
-    add_format_args(p, image_size=config_default(USCLConfig, "image_size"),
-                    channels=config_default(USCLConfig, "channels"), source="config")
+    add_format_args(p, image_size=USCLConfig.default_of("image_size"), channels=USCLConfig.default_of("channels"),
+                    source="config")
     add_config_args(p, "USCL settings (unknown keys are refused)")
     p.add_argument("--init", default=None, metavar="PATH",
                    help="start the backbone from this state dict (e.g. ImageNet ResNet-18 weights "

@@ -22,11 +22,26 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
+import types
+import typing
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 _KINDS = {"int": "an int", "float": "a float", "bool": "a bool", "string": "a str"}
+
+
+def field_types(annotation: Any) -> set[type]:
+    """The plain types a field annotation admits: ``int | str | None`` -> ``{int, str,
+    NoneType}``, ``Names | None`` -> ``{tuple, NoneType}``, ``Any`` -> ``set()``."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return field_types(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(field_types(arg) for arg in typing.get_args(annotation)))
+    if origin is not None:
+        return {origin}  # tuple[str, ...] -> tuple
+    return {annotation} if isinstance(annotation, type) else set()
 
 
 def split_names(value: Any) -> Any:
@@ -51,10 +66,10 @@ class Settings(BaseModel):
     def _numbers_not_switches(cls, value: Any, info: ValidationInfo) -> Any:
         """A number field refuses a switch (pydantic would read ``true`` as 1), and a whole
         number written as text in float form (``"1e3"``, ``"5.0"``) is read as that int."""
-        kinds = str(cls.model_fields[info.field_name].annotation)
-        if isinstance(value, bool) and "bool" not in kinds and ("int" in kinds or "float" in kinds):
+        kinds = field_types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
             raise ValueError("needs a number, not a switch")
-        if isinstance(value, str) and "int" in kinds and "float" not in kinds:
+        if isinstance(value, str) and int in kinds and float not in kinds:
             try:
                 number = float(value)
             except ValueError:
