@@ -219,7 +219,7 @@ def msml_train_loop(loop_config: dict) -> None:
         optimizer.load_state_dict(resumed.state["optimizer"])
     loss_fn = build_loss(config, np.asarray(loop_config["train_video_labels"], dtype=np.int64)).to(ctx.device)
     validation = ray.get(loop_config["validation"]) if ctx.rank == 0 else None
-    augment = np.random.default_rng([config.seed, resumed.start, ctx.rank])
+    augment: np.random.Generator | None = None  # seeded per epoch by begin_epoch
 
     def begin_epoch(epoch: int) -> dict:
         nonlocal augment

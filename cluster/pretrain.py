@@ -287,7 +287,7 @@ def pretrain_loop(config: dict) -> None:
     ntxent, ce = make_losses(cfg)
     autocast = torch.bfloat16 if ctx.device.type == "cuda" else None
     class_of: dict[str, int] = config["class_of"]
-    rng = np.random.default_rng([cfg.seed, ctx.rank, resumed.start])  # the views' augmentation
+    rng: np.random.Generator | None = None  # the views' augmentation, seeded per epoch by begin_epoch
 
     def begin_epoch(epoch: int) -> dict:
         nonlocal rng

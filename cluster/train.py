@@ -12,9 +12,11 @@ line, so a resumed or retried run continues from the last saved epoch the same w
 
 Epochs are counted the same way everywhere: a history entry's ``epoch`` and a checkpoint's
 ``epoch`` are the number of epochs finished (1 after the first); the index a method's
-``begin_epoch`` and ``step`` receive is 0-based (the learning-rate schedule's). Checkpoints live under ``<out>/ray/<name>``; the final model is copied to
-``<out>/model.pt`` and the per-epoch metrics to ``<out>/metrics.json``, and ``complete.json``,
-written last, says the run's final files are all there (:mod:`cluster.completion`).
+``begin_epoch`` and ``step`` receive is 0-based (the learning-rate schedule's).
+
+Checkpoints live under ``<out>/ray/<name>``; the final model is copied to ``<out>/model.pt`` and
+the per-epoch metrics to ``<out>/metrics.json``, and ``complete.json``, written last, says the
+run's final files are all there (:mod:`cluster.completion`).
 """
 from __future__ import annotations
 
@@ -480,9 +482,8 @@ def run_epochs(method: Method, ctx: WorkerContext, config: Mapping, resumed: Res
     entry (``epoch`` finished, ``loss``, ``images``, ``images_per_s`` = images over
     ``train_seconds``, the slowest rank's time in the steps, the extras, ``skipped_videos``,
     ``seconds``, rank 0's whole epoch with the checks and the evaluation, ``session_start``,
-    ``run_id``), the checkpoint, and a
-    progress line with the ETA on rank 0. A resumed run that is already finished reports its
-    restored state again, so that the result is that state.
+    ``run_id``), the checkpoint, and a progress line with the ETA on rank 0. A resumed run that
+    is already finished reports its restored state again, so that the result is that state.
     """
     history = list(resumed.history)
     if resumed.state is not None and resumed.start >= method.epochs:
