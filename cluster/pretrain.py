@@ -278,11 +278,13 @@ def pretrain_loop(config: dict) -> None:
     model = prepare_model(model)
     optimizer = make_optimizer(model, cfg)
     labelled = set(config["class_of"])
+    fed: set[str] = set()  # the videos whose labels this rank's loss received
     resumed = resume_point()
     if resumed.state is not None:
         unwrap(model).load_state_dict(resumed.state["model"])
         optimizer.load_state_dict(resumed.state["optimizer"])
         labelled |= set(resumed.state.get("labelled_video_ids", []))  # provenance accumulates
+        fed |= set(resumed.state.get("labels_fed_video_ids", []))
     augment = make_augment(cfg)
     ntxent, ce = make_losses(cfg)
     autocast = torch.bfloat16 if ctx.device.type == "cuda" else None
@@ -298,9 +300,12 @@ def pretrain_loop(config: dict) -> None:
         return {"lr": lr}
 
     def step(batch: dict, epoch: int) -> tuple[float, float]:
+        videos = [str(v) for v in batch["video_id"]]
+        class_index = np.array([class_of.get(v, -1) for v in videos], dtype=np.int64)
+        fed.update(v for v, c in zip(videos, class_index) if c >= 0)
         batch = {"frames": np.require(batch["frames"], requirements="W"),  # torch wants writable
                  "n_frames": np.require(batch["n_frames"], requirements="W"),  # arrays
-                 "class_index": np.array([class_of.get(str(v), -1) for v in batch["video_id"]], dtype=np.int64)}
+                 "class_index": class_index}  # what the cross-entropy term receives (-1: no label)
         loss = train_step(model, optimizer, batch, augment, cfg, rng, ntxent=ntxent, ce=ce,
                           autocast_dtype=autocast)
         return loss, 1.0  # the epoch's loss: the mean over steps
@@ -308,7 +313,8 @@ def pretrain_loop(config: dict) -> None:
     def checkpoint(epochs_done: int, history: list[dict]) -> dict:
         return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "config": cfg.to_dict(), "classes": list(config["classes"]),
-                "labelled_video_ids": sorted(labelled), "holdout": config.get("holdout"),
+                "labelled_video_ids": sorted(labelled), "labels_fed_video_ids": sorted(fed),
+                "holdout": config.get("holdout"),
                 "epoch": epochs_done, "history": history}
 
     run_epochs(Method(

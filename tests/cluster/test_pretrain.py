@@ -136,6 +136,8 @@ def test_resume_continues_from_the_saved_epoch_and_labels_of_the_held_out_fold_s
     val0 = set(report["validation_folds"][0])  # evaluate selects C on these: their labels stay unused too
     assert test0 and val0 and not test0 & val0
     assert set(saved["labelled_video_ids"]) == every - test0 - val0
+    # and the cross-entropy term received the labels of exactly those videos, none of test0 / val0
+    assert set(saved["labels_fed_video_ids"]) == every - test0 - val0
     patients = {r["video_id"]: r["patient_id"] for r in data.rows}
     assert {v for v in every if patients[v] in {patients[t] for t in test0}} == test0
     assert saved["holdout"] == {"fold": 0, "folds": 3, "seed": 4, "classes": None, "probe": None}
