@@ -319,7 +319,8 @@ def pretrain_loop(config: dict) -> None:
 
     run_epochs(Method(
         job="pretrain", epochs=cfg.epochs, seed=cfg.seed, batch_rows=max(1, cfg.batch_videos // ctx.world_size),
-        shuffle_rows=2 * max(1, cfg.batch_videos // ctx.world_size),
+        # ``_fixed_batches`` (benchmarks/uscl_budget.py's control): the same batches every epoch
+        shuffle_rows=0 if config.get("_fixed_batches") else 2 * max(1, cfg.batch_videos // ctx.world_size),
         min_rows=2 if ctx.world_size == 1 else 1,  # NT-Xent needs a negative among all ranks' videos
         images_per_row=VIEWS_PER_VIDEO, step=step, checkpoint=checkpoint, begin_epoch=begin_epoch,
         describe=lambda metrics: f" lr {metrics['lr']:.2e}"), ctx, config, resumed)

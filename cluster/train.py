@@ -331,11 +331,14 @@ def epoch_batches(shard, batch_size: int, *, seed: int, epoch: int, shuffle_rows
     The stream visits videos in a seeded random order (``StreamSpec.order_seed``) rather than the
     manifest's, and a local shuffle buffer of ``shuffle_rows`` rows, seeded per epoch, changes
     which rows meet in a batch from one epoch to the next. With one worker (stream order
-    preserved, :func:`ordered_data_config`) the batches are the same for the same seed."""
+    preserved, :func:`ordered_data_config`) the batches are the same for the same seed.
+    ``shuffle_rows=0`` turns the buffer off: every epoch then has the same batches, in stream
+    order (the unshuffled regime, kept as a negative control for benchmarks)."""
     epoch_seed = int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+    buffer = max(int(shuffle_rows), batch_size) if shuffle_rows > 0 else None
     return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
-                              local_shuffle_buffer_size=max(int(shuffle_rows), batch_size),
-                              local_shuffle_seed=epoch_seed)
+                              local_shuffle_buffer_size=buffer,
+                              local_shuffle_seed=epoch_seed if buffer else None)
 
 
 @dataclass(frozen=True)
