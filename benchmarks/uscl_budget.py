@@ -68,7 +68,10 @@ def main() -> None:
                         help="also run these with the same batches every epoch (the unshuffled control; '' for none)")
     parser.add_argument("--reuse", action="append", default=[], metavar="PAIRS:EPOCHS=MODEL",
                         help="a finished pretraining of these settings, e.g. frames:91=/work/simclr-frames/model.pt")
+    parser.add_argument("--skip", default="", metavar="PAIRS:EPOCHS,...", help="leave these budgets out")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--resume", type=Path, default=None, metavar="WORK",
+                        help="continue a stopped run: the runs its runs.json holds are not repeated")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/uscl_budget.*")
     parser.add_argument("--replot", type=Path, default=None, metavar="JSON", help="only redraw a saved report")
     parser.add_argument("--rebuild", type=Path, default=None, metavar="WORK",
@@ -97,7 +100,9 @@ def main() -> None:
     seeds = [int(s) for s in args.split_seeds.split(",") if s]
     reuse = _parse_reuse(args.reuse, parser)
     fixed = [(p, int(e)) for p, _, e in (item.partition(":") for item in args.fixed_batches.split(",") if item)]
-    work = (args.out or Path(tempfile.mkdtemp(prefix="uscl-budget-"))) / time.strftime("%Y%m%d-%H%M%S")
+    skip = {(p, int(e)) for p, _, e in (item.partition(":") for item in args.skip.split(",") if item)}
+    work = args.resume or (args.out or Path(tempfile.mkdtemp(prefix="uscl-budget-"))) / time.strftime("%Y%m%d-%H%M%S")
+    done = json.loads((work / "runs.json").read_text()) if args.resume and (work / "runs.json").exists() else {}
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
 
     with pocus_in_loopback_s3(args.pocus) as storage:
@@ -134,11 +139,16 @@ def main() -> None:
             out["effective_rank"] = effective_rank(checkpoint, tasks["diagnosis"]["frames"], args)
             return out
 
-        runs = {"random": {"pairs": None, "epochs": 0, "steps": 0, "loss_curve": [], **probe("random", "random")}}
+        runs = {"random": done.get("random") or {"pairs": None, "epochs": 0, "steps": 0, "loss_curve": [],
+                                                  **probe("random", "random")}}
         (work / "runs.json").write_text(json.dumps(runs, default=_plain))
-        for pairs, epochs, unshuffled in [(p, e, False) for p in pair_modes for e in budgets] + \
+        for pairs, epochs, unshuffled in [(p, e, False) for p in pair_modes for e in budgets if (p, e) not in skip] + \
                 [(p, e, True) for p, e in fixed]:
             name = f"{pairs}-{epochs}ep" + ("-fixed" if unshuffled else "")
+            if name in done:
+                runs[name] = done[name]
+                log(f"{name}: reusing its finished run from {work / 'runs.json'}")
+                continue
             cfg = USCLConfig(epochs=epochs, batch_videos=args.batch_videos, image_size=args.image_size,
                              channels=args.channels, lr=args.lr, warmup_epochs=max(1, epochs // 10),
                              pairs=pairs, semi_supervised=False)
@@ -189,7 +199,7 @@ def build_report(runs: dict, settings: dict, machine: str, total_min: float) -> 
     comparisons = {}
     for task in TASKS:
         for pairs in settings["pairs"]:
-            names = [f"{pairs}-{e}ep" for e in settings["budgets"]]
+            names = [f"{pairs}-{e}ep" for e in settings["budgets"] if f"{pairs}-{e}ep" in runs]
             chain = [(n, "random") for n in names] + list(zip(names[1:], names[:-1]))
             comparisons[f"{task}/{pairs}"] = [_difference(compare_records([runs[a][task], runs[b][task]]))
                                               for a, b in chain]
