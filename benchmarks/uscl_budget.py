@@ -141,7 +141,8 @@ def main() -> None:
 
         runs = {"random": done.get("random") or {"pairs": None, "epochs": 0, "steps": 0, "loss_curve": [],
                                                   **probe("random", "random")}}
-        (work / "runs.json").write_text(json.dumps(runs, default=_plain))
+        if "random" not in done:
+            (work / "runs.json").write_text(json.dumps(runs, default=_plain))
         for pairs, epochs, unshuffled in [(p, e, False) for p in pair_modes for e in budgets if (p, e) not in skip] + \
                 [(p, e, True) for p, e in fixed]:
             name = f"{pairs}-{epochs}ep" + ("-fixed" if unshuffled else "")
