@@ -33,6 +33,18 @@ def pocus_in_loopback_s3(pocus: Path, uri: str = DATA_URI) -> Iterator:
         yield storage
 
 
+def json_plain(value):
+    """``json.dumps`` default for numpy scalars and arrays in the benchmarks' reports."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def difference_cell(d: dict) -> str:
+    """One paired difference (``mean``, ``low``, ``high``, ``p_sign``, ``excludes_zero``) as a
+    Markdown table cell: ``+0.012 [-0.003, +0.027] p=0.302``, starred when the CI excludes 0."""
+    return (f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] p={d['p_sign']:.3f}"
+            + (" *" if d["excludes_zero"] else ""))
+
+
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.pocus_s3 import DATA_URI, log, pocus_in_loopback_s3  # noqa: E402
+from benchmarks.pocus_s3 import DATA_URI, difference_cell, json_plain, log, pocus_in_loopback_s3  # noqa: E402
 
 CLASSES = ["covid", "pneumonia", "regular"]
 PROBE = "convex"
@@ -142,7 +142,7 @@ def main() -> None:
         runs = {"random": done.get("random") or {"pairs": None, "epochs": 0, "steps": 0, "loss_curve": [],
                                                   **probe("random", "random")}}
         if "random" not in done:
-            (work / "runs.json").write_text(json.dumps(runs, default=_plain))
+            (work / "runs.json").write_text(json.dumps(runs, default=json_plain))
         for pairs, epochs, unshuffled in [(p, e, False) for p in pair_modes for e in budgets if (p, e) not in skip] + \
                 [(p, e, True) for p, e in fixed]:
             name = f"{pairs}-{epochs}ep" + ("-fixed" if unshuffled else "")
@@ -165,7 +165,7 @@ def main() -> None:
                           "steps": epochs * steps_per_epoch,
                           "loss_curve": [round(h["loss"], 4) for h in history],
                           "pretrain_s": round(time.perf_counter() - t, 1), **probe(name, checkpoint)}
-            (work / "runs.json").write_text(json.dumps(runs, default=_plain))
+            (work / "runs.json").write_text(json.dumps(runs, default=json_plain))
 
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs (load average {load_at_start:.1f} at start), "
                f"torch {torch.__version__}, CPU only")
@@ -176,7 +176,7 @@ def main() -> None:
 def save(report: dict, work: Path, to_results: bool) -> None:
     """The report as JSON in ``work`` (and with ``to_results`` as benchmarks/results/uscl_budget.*:
     JSON, Markdown table, figure); the table on stdout."""
-    text = json.dumps(report, indent=1, default=_plain) + "\n"
+    text = json.dumps(report, indent=1, default=json_plain) + "\n"
     (work / "uscl_budget.json").write_text(text)
     table = markdown_table(report)
     if to_results:
@@ -287,9 +287,6 @@ def _difference(comparison: dict) -> dict:
                for m in ("accuracy", "macro_f1")}}
 
 
-def _plain(value):
-    return value.tolist() if hasattr(value, "tolist") else str(value)
-
 
 def markdown_table(report: dict) -> str:
     s = report["settings"]
@@ -309,8 +306,7 @@ def markdown_table(report: dict) -> str:
         lines += ["", f"Paired differences, {title} ({rows[0]['pairs']} pairs, 95% bootstrap CI, sign test):", "",
                   "| a - b | accuracy | macro-F1 |", "|---|---|---|"]
         for d in rows:
-            cells = [f"{d[m]['mean']:+.3f} [{d[m]['low']:+.3f}, {d[m]['high']:+.3f}] p={d[m]['p_sign']:.3f}"
-                     + (" *" if d[m]["excludes_zero"] else "") for m in ("accuracy", "macro_f1")]
+            cells = [difference_cell(d[m]) for m in ("accuracy", "macro_f1")]
             lines.append(f"| {d['a']} - {d['b']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -51,7 +51,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.pocus_s3 import DATA_URI, log, pocus_in_loopback_s3  # noqa: E402
+from benchmarks.pocus_s3 import DATA_URI, difference_cell, json_plain, log, pocus_in_loopback_s3  # noqa: E402
 
 CLASSES = ["covid", "pneumonia", "regular"]
 PROBE = "convex"
@@ -185,7 +185,7 @@ def main() -> None:
             log(f"{arm} {mode} seed {seed}: accuracy {summary['accuracy']:.3f}, macro-F1 {summary['macro_f1']:.3f}")
             cached.parent.mkdir(exist_ok=True)
             cached.write_text(json.dumps({"summary": summary, "seconds": timings[f"eval_{arm}_{mode}_seed{seed}_s"]},
-                                         default=_plain))
+                                         default=json_plain))
             return summary
 
         records: dict[str, dict[str, dict]] = {"linear": {}, "finetune": {}}
@@ -220,7 +220,7 @@ def main() -> None:
             comparisons[f"fine-tuning, split seed {first}"] = compare_records(
                 [_only_seeds(records["finetune"][a], [first]) for a in arms])
         (work / "records.json").write_text(json.dumps({"records": records, "comparisons": comparisons,
-                                                       "pretrain": pretrain_runs}, default=_plain))
+                                                       "pretrain": pretrain_runs}, default=json_plain))
         try:
             embeddings = embedding_maps(ran, checkpoints, semi, frames, args)
             embeddings["maps"] = {**embeddings_merged, **embeddings["maps"]}
@@ -242,12 +242,12 @@ def main() -> None:
               "pretrain": pretrain_runs, "embeddings": embeddings,
               "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     table = markdown_table(report)
-    (work / "uscl_pocus.json").write_text(json.dumps(report, indent=1, default=_plain) + "\n")  # for --replot
+    (work / "uscl_pocus.json").write_text(json.dumps(report, indent=1, default=json_plain) + "\n")  # for --replot
     log(f"results in {work / 'uscl_pocus.json'}")
     if args.save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "uscl_pocus.md").write_text(table + "\n")
-        (RESULTS / "uscl_pocus.json").write_text(json.dumps(report, indent=1, default=_plain) + "\n")
+        (RESULTS / "uscl_pocus.json").write_text(json.dumps(report, indent=1, default=json_plain) + "\n")
         plot(report, RESULTS / "uscl_pocus.png")
         plot_embeddings(report, RESULTS / "uscl_pocus_tsne.png")
     print(table)
@@ -265,10 +265,6 @@ def _check_same_settings(saved: dict, cfg, steps: int, args, videos: int) -> Non
     if differ:
         raise SystemExit(f"--merge {args.merge}: settings differ (saved, this run): {differ}")
 
-
-def _plain(value):
-    """JSON for numpy scalars and arrays in an evaluation summary."""
-    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def _only_seeds(record: dict, seeds: list[int]) -> dict:
@@ -336,8 +332,7 @@ def markdown_table(report: dict) -> str:
         for d in comparison["differences"]:
             by_pair.setdefault((d["a"], d["b"]), {})[d["metric"]] = d
         for (a, b), metrics in by_pair.items():
-            cells = [f"{m['mean']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] p={m['p_sign']:.3f}"
-                     + (" *" if m["excludes_zero"] else "") for m in (metrics["accuracy"], metrics["macro_f1"])]
+            cells = [difference_cell(metrics[m]) for m in ("accuracy", "macro_f1")]
             lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
