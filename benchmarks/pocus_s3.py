@@ -45,6 +45,21 @@ def difference_cell(d: dict) -> str:
             + (" *" if d["excludes_zero"] else ""))
 
 
+def frozen_features(checkpoint: str, images, image_size: int, channels: int):
+    """``(N, 512)`` frozen trunk features of ``images`` (``(N, S, S, C)`` uint8) for a checkpoint
+    path or ``random`` (seeded; BatchNorm statistics re-estimated on ``images`` first)."""
+    import torch
+
+    from cluster.evaluate import RANDOM, load_checkpoint
+    from ultrasound.evaluation import backbone_from_state, extract_features, reestimate_batchnorm
+
+    torch.manual_seed(0)
+    backbone = backbone_from_state(load_checkpoint(checkpoint).state, channels)
+    if checkpoint == RANDOM:
+        reestimate_batchnorm(backbone, images, image_size)
+    return extract_features(backbone, images, image_size)
+
+
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

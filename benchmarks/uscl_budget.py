@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.pocus_s3 import DATA_URI, difference_cell, json_plain, log, pocus_in_loopback_s3  # noqa: E402
+from benchmarks.pocus_s3 import DATA_URI, difference_cell, frozen_features, json_plain, log, pocus_in_loopback_s3  # noqa: E402
 
 CLASSES = ["covid", "pneumonia", "regular"]
 PROBE = "convex"
@@ -262,16 +262,8 @@ def effective_rank(checkpoint: str, frames, args) -> float:
     """exp(entropy) of the normalised singular values of the centred frozen features of
     ``frames`` (random init: BatchNorm statistics re-estimated on them first)."""
     import numpy as np
-    import torch
 
-    from cluster.evaluate import load_checkpoint
-    from ultrasound.evaluation import backbone_from_state, extract_features, reestimate_batchnorm
-
-    torch.manual_seed(0)
-    backbone = backbone_from_state(load_checkpoint(checkpoint).state, args.channels)
-    if checkpoint == "random":
-        reestimate_batchnorm(backbone, frames.images, args.image_size)
-    feats = extract_features(backbone, frames.images, args.image_size).astype(np.float64)
+    feats = frozen_features(checkpoint, frames.images, args.image_size, args.channels).astype(np.float64)
     singular = np.linalg.svd(feats - feats.mean(0), compute_uv=False)
     p = singular / singular.sum()
     p = p[p > 0]

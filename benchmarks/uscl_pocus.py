@@ -51,7 +51,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.pocus_s3 import DATA_URI, difference_cell, json_plain, log, pocus_in_loopback_s3  # noqa: E402
+from benchmarks.pocus_s3 import DATA_URI, difference_cell, frozen_features, json_plain, log, pocus_in_loopback_s3  # noqa: E402
 
 CLASSES = ["covid", "pneumonia", "regular"]
 PROBE = "convex"
@@ -284,22 +284,14 @@ def embedding_maps(arms, checkpoints, semi, frames, args) -> dict:
     """A 2-D t-SNE map of every arm's frozen POCUS frame features (uscl-semi: its fold-0 model of
     the first semi seed), coloured by class: does the backbone separate the classes without a probe?"""
     import numpy as np
-    import torch
     from sklearn.manifold import TSNE
-
-    from cluster.evaluate import load_checkpoint
-    from ultrasound.evaluation import backbone_from_state, extract_features, reestimate_batchnorm
 
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(len(frames), size=min(1500, len(frames)), replace=False))
     maps = {}
     for arm in arms:
         uri = next(iter(semi.values())).replace("{fold}", "0") if arm == "uscl-semi" else checkpoints[arm]
-        torch.manual_seed(0)
-        backbone = backbone_from_state(load_checkpoint(uri).state, args.channels)
-        if arm == "random":
-            reestimate_batchnorm(backbone, frames.images[pick], args.image_size)
-        feats = extract_features(backbone, frames.images[pick], args.image_size)
+        feats = frozen_features(uri, frames.images[pick], args.image_size, args.channels)
         xy = TSNE(n_components=2, init="pca", random_state=0, perplexity=30).fit_transform(feats)
         maps[arm] = {"xy": np.round(xy, 3).tolist(), "label": frames.labels[pick].tolist()}
     return {"classes": list(frames.classes), "maps": maps}
