@@ -6,7 +6,8 @@ Every experiment ("asker") talks to the oracle only through:
   training pool) and which annotator-error stream it sees;
 - ``query(asker, round, indices)``: labels for exactly those samples, and what each answer cost;
 - ``audit(asker, round, indices)``: the oracle checks machine labels of those samples (it
-  answers with its labels, the caller compares), at ``audit_cost`` per sample;
+  answers with its labels, the caller compares), at ``audit_cost`` per sample (per video with
+  ``cost_unit="video"``);
 - ``grade(asker, indices, labels)``: how many proposed label vectors are right, as counts only
   (the simulator's measure of machine-label precision; it never returns labels);
 - ``answer_round(...)``: the three above for one planned round in a single call. On a busy
@@ -23,7 +24,10 @@ Costs (``cost_unit``):
 - ``"video"``: the first frame of a video an asker queries costs 1 video unit, every later frame
   of the same video (same or later round) costs 0: an annotator who watched a clip labels its
   frames at no extra cost. Within one query the first index of a video in query order pays.
-- audits cost ``audit_cost`` per audited frame in either unit (confirming a shown label vector).
+- audits cost ``audit_cost`` per audited frame with ``"frame"`` (confirming a shown label vector),
+  and per audited video with ``"video"``: within one audit call the first frame of a video in
+  the order given pays and its other frames cost 0 (the reviewer watches the clip once and confirms
+  its label; the video-unit machine stream audits whole videos).
 
 Annotator error (``noise``): each (sample, finding) answer is flipped with probability
 ``noise``. The flips are drawn once per ``noise_key`` (seeded with ``noise_seed``), so asking
@@ -142,10 +146,14 @@ class OracleBook:
 
     def audit(self, asker: str, round: int, indices: Iterable[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The oracle's labels for machine-labelled ``indices`` (the caller compares them with its
-        proposals) and ``audit_cost`` per sample, logged."""
+        proposals) and their costs: ``audit_cost`` per sample, or per video with ``cost_unit="video"``
+        (the first of its frames in ``indices`` pays), logged."""
         ledger, idx = self._check(asker, indices)
         labels = self._answers(ledger, idx)
         costs = np.full(idx.size, self.audit_cost, dtype=np.float64)
+        if self.cost_unit == "video":
+            _, first = np.unique(self._videos[idx], return_index=True)
+            costs[np.setdiff1d(np.arange(idx.size), first)] = 0.0
         ledger.log.append((int(round), "audit", idx, labels, costs))
         return labels.copy(), costs.copy()
 

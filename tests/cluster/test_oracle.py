@@ -141,3 +141,16 @@ def test_restore_rebuilds_the_ledger_and_voids_unfinished_rounds():
     tampered = [dict(saved[0], labels=[0, 1, 1])]
     with pytest.raises(OracleError, match="not what this oracle answers"):
         fresh.restore("exp", tampered)
+
+
+def test_video_cost_unit_charges_an_audit_once_per_video():
+    """Video unit: a reviewer confirms a clip's label once, so an audit call charges one
+    ``audit_cost`` per video (its first frame in the call) and the frame unit charges each frame."""
+    videos = OracleBook(TRUTH, VIDEOS, cost_unit="video", audit_cost=0.5)
+    videos.register("exp", None)
+    assert videos.audit("exp", 1, [0, 1, 2, 3, 5])[1].tolist() == [0.5, 0.0, 0.0, 0.5, 0.5]
+    assert videos.audit("exp", 2, [4])[1].tolist() == [0.5]  # a later round's audit pays again
+    assert videos.costs("exp")["audit"] == 2.0
+    frames = OracleBook(TRUTH, VIDEOS, cost_unit="frame", audit_cost=0.5)
+    frames.register("exp", None)
+    assert frames.audit("exp", 1, [0, 1, 2])[1].tolist() == [0.5, 0.5, 0.5]

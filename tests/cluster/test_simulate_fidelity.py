@@ -101,6 +101,34 @@ def test_video_query_unit_labels_whole_videos_at_one_video_each(tmp_path):
             assert meta["cost_round"] == pytest.approx(len(videos))  # one video's cost each
 
 
+def test_video_query_unit_machine_stream_labels_caps_and_audits_whole_videos(tmp_path):
+    """TSAL with whole videos: each round's machine labels are whole videos (every frame), at most
+    the round's human budget of them, and an audit checks a whole video at one audit's cost."""
+    config = SimulationConfig(strategies=("tsal",), seeds=2, rounds=4, initial=0.1, per_round=0.1,
+                              query_unit="video", cost_unit="video", confidence=0.8, audit=0.5, audit_cost=0.5)
+    data = table()
+    result = simulate_table(data, config, str(tmp_path), Storage(), executor="serial")
+    assert not result.failed
+    frames_of = {v: int((data.video_id == v).sum()) for v in set(data.video_id)}
+    machine_videos = 0
+    for exp_id in result.experiment_ids:
+        for rows, meta in rounds_of(tmp_path, exp_id, Storage())[1:]:
+            machine = [row for row in rows if row["source"] == "machine"]
+            by_video: dict[str, list[dict]] = {}
+            for row in machine:
+                by_video.setdefault(data.video_id[row["global_index"]], []).append(row)
+            assert len(by_video) <= meta["budget_per_round"]
+            for video, video_rows in by_video.items():
+                assert len(video_rows) == frames_of[video]  # every frame of the video
+                assert len({tuple(row["machine_labels"]) for row in video_rows}) == 1  # one label vector
+                assert len({row["audit"] == "none" for row in video_rows}) == 1  # audited whole or not
+            audited = [v for v, video_rows in by_video.items() if video_rows[0]["audit"] != "none"]
+            assert len(audited) == -(-len(by_video) // 2)  # ceil(0.5 x videos)
+            assert sum(row["cost"] for row in machine) == pytest.approx(0.5 * len(audited))
+            machine_videos += len(by_video)
+    assert machine_videos > 0
+
+
 def test_query_unit_video_needs_video_costs():
     with pytest.raises(ValueError, match="cost_unit video"):
         SimulationConfig(query_unit="video")

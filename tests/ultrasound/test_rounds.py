@@ -264,3 +264,54 @@ def test_video_query_unit_asks_for_every_frame_of_the_best_videos():
     best = sorted(video_mean, key=lambda g: -video_mean[g])[:2]
     assert sorted(plan.queries.tolist()) == sorted(unlabelled[np.isin(groups, best)].tolist())
     assert set(plan.queries[:4] // 4) == {best[0]}  # the best video's frames first
+
+
+def test_video_query_unit_labels_caps_audits_and_revokes_whole_videos():
+    """With the video as the query unit the machine stream works on videos: a video is accepted
+    on its frames' mean probabilities (one frame at 0.75 does not keep a video whose mean is
+    confident out), every remaining frame carries the video's label vector, the cap and the
+    audits count videos, and re-validation takes a video back whole."""
+    truth, state, unlabelled, _ = setup()
+    groups = unlabelled // 4  # videos 2..9, four frames each
+    sides = np.array([[1, 0, 1], [0, 0, 1], [1, 1, 0], [0, 1, 0], [1, 0, 0]])  # label vectors of videos 4..8
+    probs = np.full((unlabelled.size, L), 0.5)  # videos 2, 3: unsure (the query goes there)
+    for video, side, high in zip(range(4, 9), sides, (0.99, 0.99, 0.99, 0.97, 0.97)):
+        rows = np.flatnonzero(groups == video)
+        probs[rows] = np.where(side == 1, high, 1 - high)
+    probs[np.flatnonzero(groups == 8)[-1]] = np.where(sides[4] == 1, 0.75, 0.25)  # mean 0.915: still confident
+    probs[np.flatnonzero(groups == 9)] = [[0.97, 0.03, 0.03]] * 2 + [[0.6, 0.4, 0.4]] * 2  # mean 0.785: not
+    no_rules = dict(min_dependence=1.0)
+    ctx = StrategyContext(state.labels_of(state.verified_indices()), np.random.default_rng(2))
+
+    def plan(confidence, audit=0.0, frames=False):
+        return tsal_round(probs, unlabelled, state, 1, make_strategy("least_margin"), ctx, confidence, audit,
+                          np.random.default_rng(3), groups=groups, whole_groups=not frames)
+
+    every = plan(ConfidenceConfig(**no_rules))
+    assert set(every.queries // 4) <= {2, 3} and every.queries.size == 4
+    assert every.machine_indices.tolist() == unlabelled[np.isin(groups, [4, 5, 6, 7, 8])].tolist()
+    for video, side in zip(range(4, 9), sides):
+        assert (every.machine_labels[every.machine_indices // 4 == video] == side).all()
+    # frame by frame the 0.75 frame would stay out
+    assert unlabelled[groups == 8][-1] not in plan(ConfidenceConfig(**no_rules), frames=True).machine_indices
+
+    capped = plan(ConfidenceConfig(max_per_round=3, **no_rules), audit=0.34)
+    assert capped.machine_indices.tolist() == unlabelled[np.isin(groups, [4, 5, 6])].tolist()  # most confident
+    assert np.unique(capped.audits // 4).size == 2 and capped.audits.size == 8  # ceil(0.34 * 3) whole videos
+
+    unaudited = plan(ConfidenceConfig(max_per_round=3, **no_rules))
+    state2 = apply_answers(state, unaudited, truth[unaudited.queries])
+    held = state2.unverified_indices()
+    still = np.where(state2.labels_of(held) == 1, 0.99, 0.01)
+    still[np.flatnonzero(held // 4 == 5)[0]] = np.where(sides[1] == 1, 0.7, 0.3)  # video 5 mean 0.92: kept
+    still[np.flatnonzero(held // 4 == 6)[:2]] = np.where(sides[2] == 1, 0.6, 0.4)  # video 6 mean 0.795
+    rest = state2.unlabelled_indices(POOL)
+    ctx2 = StrategyContext(state2.labels_of(state2.verified_indices()), np.random.default_rng(0))
+    again = tsal_round(np.full((rest.size, L), 0.5), rest, state2, 1, make_strategy("random"), ctx2,
+                       ConfidenceConfig(**no_rules), 0.0, np.random.default_rng(4), groups=rest // 4,
+                       whole_groups=True, probs_machine=still, machine_groups=held // 4)
+    assert again.revoked.tolist() == held[held // 4 == 6].tolist()
+    with pytest.raises(ValueError, match="machine_groups"):
+        tsal_round(np.full((rest.size, L), 0.5), rest, state2, 1, make_strategy("random"), ctx2,
+                   ConfidenceConfig(**no_rules), 0.0, np.random.default_rng(4), groups=rest // 4,
+                   whole_groups=True, probs_machine=still)

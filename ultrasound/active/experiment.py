@@ -161,7 +161,7 @@ def make_splits(groups: np.ndarray, video_id: np.ndarray, labels: np.ndarray,
 class Budget:
     """One experiment's labelling budget. ``initial`` and ``per_round`` count the query unit
     (frames, or videos with ``query_unit: video``); ``machine_cap`` caps a round's new machine
-    labels (frames; None: no cap); ``cost_scale`` is the cost of labelling the whole pool."""
+    labels in the same unit (None: no cap); ``cost_scale`` is the cost of labelling the whole pool."""
 
     initial: int
     per_round: int
@@ -177,9 +177,8 @@ def budget_of(config: SimulationConfig, split: Split) -> Budget:
         raise ValueError("query_unit video needs the video of every pool sample (Split.pool_groups)")
     units = split.pool_videos if by_video else pool  # what the budget shares count
     per_round = max(1, int(round(config.per_round * units)))
-    frames_per_unit = pool / units if by_video else 1.0
     return Budget(initial=min(units, max(1, int(round(config.initial * units)))), per_round=per_round,
-                  machine_cap=config.confidence_config(int(round(per_round * frames_per_unit))).max_per_round,
+                  machine_cap=config.confidence_config(per_round).max_per_round,
                   cost_scale=float(split.pool_videos if config.cost_unit == "video" else pool), by_video=by_video)
 
 
@@ -338,7 +337,8 @@ def experiment_steps(
                               context, confidence, audit_fraction, rng,
                               groups=split.pool_groups[unlabelled] if split.pool_groups is not None else None,
                               probs_machine=model.predict(fitted, pool[held]) if confidence is not None else None,
-                              whole_groups=budget.by_video, round=r)
+                              whole_groups=budget.by_video,
+                              machine_groups=split.pool_groups[held] if budget.by_video else None, round=r)
             # one round trip: the queries, the audits, and the grading of the machine proposals
             answer = yield AnswerRequest(asker, r, pool[plan.queries], pool[plan.audits],
                                          pool[plan.machine_indices], plan.machine_labels)

@@ -23,7 +23,7 @@ import numpy as np
 from ultrasound.active.confidence import confidence_validate
 from ultrasound.active.learners import HeadModel
 from ultrasound.active.sim_config import KINDS, SimulationConfig
-from ultrasound.active.strategies import StrategyContext, select_top
+from ultrasound.active.strategies import StrategyContext, group_means, select_top
 
 HUMAN, MACHINE = "human", "machine"
 
@@ -92,11 +92,8 @@ def next_videos(features: np.ndarray, video_ids: np.ndarray, labelled: Mapping[s
     video_labels = np.stack([np.asarray(v, dtype=np.uint8) for v in labelled.values()])
     context = StrategyContext(labelled_labels=video_labels, rng=rng, embeddings=features[pool])
     frame_scores = np.asarray(kind.build(config).score(probs, context), dtype=np.float64)
-    names, code = np.unique(video_ids[pool], return_inverse=True)
-    counts = np.bincount(code, minlength=names.size)
-    video_scores = np.bincount(code, weights=frame_scores, minlength=names.size) / counts
-    video_probs = np.stack([np.bincount(code, weights=probs[:, j], minlength=names.size) / counts
-                            for j in range(probs.shape[1])], axis=1)
+    names, _, video_scores = group_means(frame_scores, video_ids[pool])
+    _, _, video_probs = group_means(probs, video_ids[pool])
     chosen = select_top(video_scores, min(budget, names.size), rng)
     picks = [VideoPick(str(names[i]), HUMAN, rank + 1, float(video_scores[i]), video_probs[i])
              for rank, i in enumerate(chosen)]

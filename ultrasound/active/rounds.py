@@ -13,7 +13,10 @@ TSAL's two streams (docs/tsal.md):
    (the sample returns to the pool).
 
 Queries are video-aware when the caller passes each sample's video (``groups``): at most one
-frame per video a round while unqueried videos remain (:func:`select_spread`).
+frame per video a round while unqueried videos remain (:func:`select_spread`). With the video as
+the query unit (``whole_groups``) the machine stream works on videos too: a video is accepted on
+the mean of its frames' probabilities, the cap and the audits count videos, every frame of an
+accepted video carries its label vector, and re-validation takes back whole videos.
 
 :func:`tsal_round` returns a :class:`RoundPlan` (nothing is labelled yet); the caller asks the
 oracle (a Ray actor in the simulator) for the queries and the audits, then
@@ -29,7 +32,8 @@ import numpy as np
 
 from ultrasound.active.confidence import ConfidenceConfig, confidence_validate
 from ultrasound.active.state import ALState, LabelRecord, per_sample_values
-from ultrasound.active.strategies import Strategy, StrategyContext, check_probs, select_spread, select_top
+from ultrasound.active.strategies import (Strategy, StrategyContext, check_probs, group_means, select_spread,
+                                          select_top)
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +92,7 @@ def tsal_round(
     groups: np.ndarray | None = None,
     probs_machine: np.ndarray | None = None,
     whole_groups: bool = False,
+    machine_groups: np.ndarray | None = None,
     round: int | None = None,
 ) -> RoundPlan:
     """Plan one round.
@@ -111,7 +116,13 @@ def tsal_round(
             on; ``None`` keeps them all.
         whole_groups: the query unit is the video: ``budget_k`` counts videos, a video scores
             the mean of its unlabelled frames' scores, and every unlabelled frame of a picked
-            video is queried (the oracle then charges one video).
+            video is queried (the oracle then charges one video). The machine stream then
+            works on videos: a video is accepted on the mean of its remaining frames'
+            probabilities, ``confidence.max_per_round`` and ``audit_fraction`` count videos, and
+            an audited video is audited in every frame.
+        machine_groups: ``(M,)`` the video of each unaudited machine label
+            (``state.unverified_indices()`` order); needed with ``whole_groups``, where a video's
+            machine labels are re-validated together on their mean probabilities.
         round: the round this plan is for (``None``: ``state.next_round``); a round may follow
             rounds that added no records (a spent pool whose machine labels are re-validated).
             Must not be below ``state.next_round``.
@@ -157,25 +168,35 @@ def tsal_round(
     audits = np.zeros(0, dtype=np.int64)
     rejected = 0
     revoked = np.zeros(0, dtype=np.int64)
+    if whole_groups and confidence is not None and probs_machine is not None and machine_groups is None:
+        raise ValueError("whole_groups re-validates machine labels by video: pass machine_groups")
     if confidence is not None and probs_machine is not None:
-        revoked = _revalidate(state, probs_machine, context, confidence)
+        revoked = _revalidate(state, probs_machine, context, confidence,
+                              _aligned(machine_groups, state.unverified_indices().size) if whole_groups else None)
     if confidence is not None:
         rest = np.ones(probs.shape[0], dtype=bool)
         rest[picked] = False
         positions = np.flatnonzero(rest)
-        check = confidence_validate(probs[positions], context.labelled_labels, confidence)
+        units = groups[positions] if whole_groups else np.arange(positions.size)
+        _, code, unit_probs = group_means(probs[positions], units)
+        check = confidence_validate(unit_probs, context.labelled_labels, confidence)
         rejected = int((check.confident & ~check.accepted).sum())
-        accepted = np.flatnonzero(check.accepted)
+        accepted = np.flatnonzero(check.accepted)  # units
         if confidence.max_per_round is not None and accepted.size > confidence.max_per_round:
-            keep = select_top(check.confidence[accepted], confidence.max_per_round, rng)
-            accepted = accepted[keep]
-        order = np.argsort(unlabelled_idx[positions[accepted]], kind="stable")
-        accepted = accepted[order]
-        machine_indices = unlabelled_idx[positions[accepted]]
-        machine_labels = check.labels[accepted]
-        n_audit = math.ceil(audit_fraction * machine_indices.size - 1e-9)
+            accepted = accepted[select_top(check.confidence[accepted], confidence.max_per_round, rng)]
+        # units in the order of their first pool index (frames: the pool index itself)
+        first = np.full(unit_probs.shape[0], np.iinfo(np.int64).max)
+        np.minimum.at(first, code, unlabelled_idx[positions])
+        accepted = accepted[np.argsort(first[accepted], kind="stable")]
+        members = np.flatnonzero(np.isin(code, accepted))
+        order = np.argsort(unlabelled_idx[positions[members]], kind="stable")
+        members = members[order]
+        machine_indices = unlabelled_idx[positions[members]]
+        machine_labels = check.labels[code[members]]
+        n_audit = math.ceil(audit_fraction * accepted.size - 1e-9)
         if n_audit:
-            audits = np.sort(rng.choice(machine_indices, size=n_audit, replace=False))
+            audited_units = accepted[rng.choice(accepted.size, size=n_audit, replace=False)]
+            audits = np.sort(machine_indices[np.isin(code[members], audited_units)])
     return RoundPlan(
         round=round,
         queries=queries.astype(np.int64),
@@ -191,8 +212,7 @@ def tsal_round(
 def _pick_groups(scores: np.ndarray, k: int, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Positions of every sample of the ``k`` groups with the highest mean score, best group
     first (within a group, best sample first)."""
-    names, code = np.unique(groups, return_inverse=True)
-    mean = np.bincount(code, weights=scores, minlength=names.size) / np.bincount(code, minlength=names.size)
+    names, code, mean = group_means(scores, groups)
     best = select_top(mean, min(k, names.size), rng)
     rank = np.full(names.size, names.size, dtype=np.int64)
     rank[best] = np.arange(best.size)
@@ -208,9 +228,10 @@ def _aligned(groups: np.ndarray, n: int) -> np.ndarray:
 
 
 def _revalidate(state: ALState, probs_machine: np.ndarray, context: StrategyContext,
-                confidence: ConfidenceConfig) -> np.ndarray:
+                confidence: ConfidenceConfig, groups: np.ndarray | None = None) -> np.ndarray:
     """Sorted pool indices of the unaudited machine labels that this round's validation rejects
-    or would label differently."""
+    or would label differently; with ``groups`` (their videos) a video is validated on its mean
+    probabilities and taken back whole."""
     held = state.unverified_indices()
     probs = check_probs(probs_machine)
     if probs.shape != (held.size, state.num_labels):
@@ -218,9 +239,12 @@ def _revalidate(state: ALState, probs_machine: np.ndarray, context: StrategyCont
                          f"labels, got {probs.shape}")
     if held.size == 0:
         return held
-    check = confidence_validate(probs, context.labelled_labels, confidence)
-    changed = (check.labels != state.labels_of(held)).any(axis=1)
-    return held[~check.accepted | changed]
+    _, code, unit_probs = group_means(probs, groups if groups is not None else np.arange(held.size))
+    check = confidence_validate(unit_probs, context.labelled_labels, confidence)
+    changed = (check.labels[code] != state.labels_of(held)).any(axis=1)
+    failed = ~check.accepted
+    failed[code[changed]] = True
+    return held[failed[code]]
 
 
 def apply_answers(

@@ -22,7 +22,7 @@ from ultrasound.active.strategies import STRATEGIES, Strategy, make_strategy
 from ultrasound.config import Names, Settings
 
 # bumped when a change of the experiment logic changes results: old folders never resume into new runs
-SIMULATOR_VERSION = 3
+SIMULATOR_VERSION = 4
 MODES = ("embeddings", "finetune")
 DEFAULT_STRATEGIES = ("tsal", "random", "least_margin", "mean_entropy", "lci", "adaptive")
 
@@ -126,13 +126,17 @@ class SimulationConfig(Settings):
         query_unit: ``frame`` (default: a round queries single frames, at most one per video
             while unqueried videos remain) or ``video`` (the initial set and every round pick
             whole videos, ``initial`` / ``per_round`` then count videos, and the oracle labels
-            every frame of a picked video at one video's cost; needs ``cost_unit: video``).
+            every frame of a picked video at one video's cost; needs ``cost_unit: video``). The
+            machine stream then labels, caps, audits and re-validates whole videos too.
         confidence: TSAL's per-finding confidence threshold for machine labels.
         rule_confidence, min_dependence: co-occurrence rules of the validation (docs/tsal.md).
         max_machine_per_round: cap on newly accepted machine labels per round: ``"budget"``
-            (default: as many as the round's human queries), a number, or ``None`` (no cap).
-        audit: share of accepted machine labels the oracle audits.
-        audit_cost: cost of one audit (1 = as much as labelling a frame).
+            (default: as many as the round's human queries), a number, or ``None`` (no cap), in
+            the query unit (frames, or videos with ``query_unit: video``).
+        audit: share of accepted machine labels (videos with ``query_unit: video``) the oracle
+            audits.
+        audit_cost: cost of one audit (1 = as much as labelling a frame; with ``cost_unit:
+            video``, per audited video and round).
         audit_gate: drop a round's unaudited machine labels when the audited error rate exceeds
             it (``None``: never).
         machine_weight: training weight of an unaudited machine label (human labels weigh 1).
@@ -165,10 +169,11 @@ class SimulationConfig(Settings):
     rule_confidence: float = Field(0.9, description="confidence of a co-occurrence rule of the validation")
     min_dependence: float = Field(0.2, description="dependence a co-occurrence rule needs")
     max_machine_per_round: int | str | None = Field(
-        "budget", description="new machine labels a round at most: N, budget (as many as the round's human "
-                              "queries) or none")
+        "budget", description="new machine labels a round at most (videos with query_unit video): N, budget "
+                              "(as many as the round's human queries) or none")
     audit: float = Field(0.1, description="share of machine labels the oracle audits")
-    audit_cost: float = Field(0.5, description="cost of one audit (1 = labelling a frame)")
+    audit_cost: float = Field(0.5, description="cost of one audit (1 = labelling a frame; per video and "
+                                             "round with cost_unit video)")
     audit_gate: float | None = Field(None, description="drop a round's unaudited machine labels above this audited error rate")
     machine_weight: float = Field(0.5, description="training weight of machine labels")
     correlation_weight: float = Field(0.5, description="MLM label-correlation weight")

@@ -13,6 +13,7 @@ replaced the machine's; the machine's are kept in ``machine_labels``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -145,24 +146,33 @@ class ALState:
     def total_cost(self) -> float:
         return float(sum(r.cost for r in self._records.values()))
 
-    def _indices(self, keep) -> np.ndarray:
-        return np.array([i for i, r in self._records.items() if keep(r)], dtype=np.int64)
+    @cached_property
+    def _columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(indices, machine, verified)`` of the records, sorted by index; computed once (the
+        state is immutable), because every round asks for these sets several times."""
+        records = self._records.values()
+        return (np.fromiter(self._records, dtype=np.int64, count=len(self._records)),
+                np.fromiter((r.source == "machine" for r in records), dtype=bool, count=len(self._records)),
+                np.fromiter((r.verified for r in records), dtype=bool, count=len(self._records)))
 
     def labelled_indices(self) -> np.ndarray:
         """Every sample with a training label (any source), sorted."""
-        return self._indices(lambda r: True)
+        return self._columns[0].copy()
 
     def machine_indices(self) -> np.ndarray:
         """Samples that entered through the machine stream (audited or not), sorted."""
-        return self._indices(lambda r: r.source == "machine")
+        indices, machine, _ = self._columns
+        return indices[machine]
 
     def verified_indices(self) -> np.ndarray:
         """Samples whose labels a human gave or confirmed, sorted."""
-        return self._indices(lambda r: r.verified)
+        indices, _, verified = self._columns
+        return indices[verified]
 
     def unverified_indices(self) -> np.ndarray:
         """Machine labels no human has seen (unaudited), sorted: the ones re-validated every round."""
-        return self._indices(lambda r: not r.verified)
+        indices, _, verified = self._columns
+        return indices[~verified]
 
     def unlabelled_indices(self, pool_size: int) -> np.ndarray:
         """``0..pool_size-1`` minus the labelled samples."""
@@ -174,14 +184,24 @@ class ALState:
 
     def labels_of(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """``(k,)`` pool indices -> ``(k, L)`` uint8 training labels."""
-        rows = [self._records[int(i)].labels for i in np.asarray(indices).ravel()]
-        return np.array(rows, dtype=np.uint8).reshape(len(rows), self.num_labels)
+        wanted = np.asarray(indices, dtype=np.int64).ravel()
+        keys = self._columns[0]
+        position = np.minimum(np.searchsorted(keys, wanted), max(keys.size - 1, 0))
+        missing = wanted[(keys[position] != wanted) if keys.size else np.ones(wanted.size, bool)]
+        if missing.size:
+            raise KeyError(int(missing[0]))
+        return self._label_matrix[position].copy()
+
+    @cached_property
+    def _label_matrix(self) -> np.ndarray:
+        """``(len(self), L)`` uint8 training labels, row-aligned with ``labelled_indices()``."""
+        return np.array([r.labels for r in self._records.values()], dtype=np.uint8).reshape(len(self),
+                                                                                            self.num_labels)
 
     def training_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(indices (M,), labels (M, L) uint8, verified (M,) bool)`` of every labelled sample."""
-        indices = self.labelled_indices()
-        verified = np.array([self._records[i].verified for i in indices], dtype=bool)
-        return indices, self.labels_of(indices), verified
+        indices, _, verified = self._columns
+        return indices.copy(), self.labels_of(indices), verified.copy()
 
     def with_labels(
         self,

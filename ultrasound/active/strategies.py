@@ -334,3 +334,29 @@ def select_spread(scores: np.ndarray, k: int, groups: np.ndarray | None, rng: np
     rank[by_group] = np.arange(order.shape[0]) - np.repeat(starts, sizes)
     return order[np.lexsort((np.arange(order.shape[0]), rank))][:k].astype(np.int64)
 
+
+
+def group_means(values: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-group means of per-sample values (a video's score or probabilities from its frames').
+
+    Shape: values ``(N,)`` or ``(N, K)``, groups ``(N,)`` any sortable ids ->
+    ``(names (G,), code (N,), means (G,) or (G, K))``: the sorted distinct groups, each
+    sample's group position, and the means in float64.
+
+    Example:
+        >>> names, code, means = group_means(np.array([1.0, 3.0, 5.0]), np.array(["b", "b", "a"]))
+        >>> names.tolist(), code.tolist(), means.tolist()
+        (['a', 'b'], [1, 1, 0], [5.0, 2.0])
+    """
+    values = np.asarray(values, dtype=np.float64)
+    groups = np.asarray(groups).ravel()
+    if values.shape[0] != groups.shape[0]:
+        raise ValueError(f"groups has {groups.shape[0]} entries, values {values.shape[0]} rows")
+    names, code = np.unique(groups, return_inverse=True)
+    code = code.ravel().astype(np.int64)
+    counts = np.bincount(code, minlength=names.size).astype(np.float64)
+    columns = values.reshape(values.shape[0], int(np.prod(values.shape[1:])))
+    means = np.zeros((names.size, columns.shape[1]))
+    for j in range(columns.shape[1]):
+        means[:, j] = np.bincount(code, weights=columns[:, j], minlength=names.size) / counts
+    return names, code, means.reshape((names.size,) + values.shape[1:])
