@@ -201,7 +201,7 @@ class ALState:
     def training_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(indices (M,), labels (M, L) uint8, verified (M,) bool)`` of every labelled sample."""
         indices, _, verified = self._columns
-        return indices.copy(), self.labels_of(indices), verified.copy()
+        return indices.copy(), self._label_matrix.copy(), verified.copy()
 
     def with_labels(
         self,
